@@ -1,0 +1,321 @@
+"""Every implicit method against an exact answer, in float64, in the regime where it is exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ziggurat as zg
+from ridge import DTYPE, Ridge, condition_number, make_ridge, rel_err
+
+CONDITIONS = [2.0, 40.0]
+
+
+@pytest.fixture(params=CONDITIONS, ids=["well", "ill"])
+def ridge(request: pytest.FixtureRequest) -> Ridge:
+    r = make_ridge(request.param)
+    assert condition_number(r) == pytest.approx(request.param, rel=1e-6)
+    return r
+
+
+def _at(r: Ridge, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return theta.clone().requires_grad_(), r.lam.clone().requires_grad_()
+
+
+def _run(method: zg.HypergradMethod, r: Ridge, theta0: torch.Tensor, **kw: object) -> torch.Tensor:
+    theta, lam = _at(r, theta0)
+    out = method(r.objective(theta, lam, **kw), [r.v(theta0)])
+    # exact-mode methods never touch θ; finite differences restore it up to rounding
+    assert torch.allclose(theta.detach(), theta0, rtol=1e-14, atol=1e-16)
+    return out[0]
+
+
+# --------------------------------------------------------------------------- IFT methods
+@pytest.mark.parametrize("mixed", ["exact", "fd"])
+def test_cg_reaches_implicit_hypergradient(ridge: Ridge, mixed: str) -> None:
+    ts = ridge.theta_star()
+    out = _run(zg.CG(iterations=ts.numel(), mixed=mixed), ridge, ts)  # type: ignore[arg-type]
+    assert rel_err(out, ridge.implicit_hypergrad(ts)) <= 1e-8
+
+
+def test_neumann_reaches_implicit_hypergradient(ridge: Ridge) -> None:
+    ts = ridge.theta_star()
+    out = _run(zg.Neumann(iterations=1500), ridge, ts)
+    assert rel_err(out, ridge.implicit_hypergrad(ts)) <= 1e-8
+
+
+def test_fixed_point_reaches_implicit_hypergradient(ridge: Ridge) -> None:
+    ts = ridge.theta_star()
+    out = _run(zg.FixedPoint(iterations=1500, warm_start=False), ridge, ts)
+    assert rel_err(out, ridge.implicit_hypergrad(ts)) <= 1e-8
+
+
+def test_implicit_methods_use_current_theta_away_from_optimum(ridge: Ridge) -> None:
+    """Off the optimum the methods still compute −∂²_{λθ}L · H⁻¹v at the current θ."""
+    theta0 = ridge.theta_star() + 0.3
+    for method in (zg.CG(iterations=6), zg.Neumann(iterations=1500)):
+        assert rel_err(_run(method, ridge, theta0), ridge.implicit_hypergrad(theta0)) <= 1e-8
+
+
+def _krylov_solution(h: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+    """argmin over the Krylov space K_k(H, v) of ½xᵀHx − vᵀx: what k CG steps must return."""
+    basis = [v]
+    for _ in range(k - 1):
+        basis.append(h @ basis[-1])
+    q, _ = torch.linalg.qr(torch.stack(basis, dim=1))
+    return q @ torch.linalg.solve(q.T @ h @ q, q.T @ v)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_cg_partial_iterations_equal_krylov_minimiser(k: int, damping: float) -> None:
+    """Each CG iterate is the exact Krylov-space minimiser (Betty's CG is wrong beyond k=1)."""
+    r = make_ridge(40.0)
+    theta0 = r.theta_star() - 0.2
+    h = r.hessian() + damping * torch.eye(theta0.numel(), dtype=DTYPE)
+    x = _krylov_solution(h, r.v(theta0), k)
+    out = _run(zg.CG(iterations=k, damping=damping), r, theta0)
+    assert rel_err(out, -r.mixed(theta0, x)) <= 1e-10
+
+
+def test_cg_damping_solves_shifted_system() -> None:
+    r = make_ridge(40.0)
+    ts = r.theta_star()
+    h = r.hessian() + 0.25 * torch.eye(ts.numel(), dtype=DTYPE)
+    expected = -r.mixed(ts, torch.linalg.solve(h, r.v(ts)))
+    assert rel_err(_run(zg.CG(iterations=6, damping=0.25), r, ts), expected) <= 1e-10
+
+
+def test_cg_tolerance_stops_early_but_stays_accurate() -> None:
+    r = make_ridge(2.0)
+    ts = r.theta_star()
+    out = _run(zg.CG(iterations=50, tol=1e-12), r, ts)
+    assert rel_err(out, r.implicit_hypergrad(ts)) <= 1e-10
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_neumann_partial_sum_equals_its_definition(k: int) -> None:
+    """K terms: x = α Σ_{j=0}^{K} (I − αH)^j v, with a given α."""
+    r = make_ridge(40.0)
+    theta0 = r.theta_star()
+    h, v, alpha = r.hessian(), r.v(theta0), 0.03
+    m = torch.eye(h.shape[0], dtype=DTYPE) - alpha * h
+    x = alpha * sum(torch.linalg.matrix_power(m, j) @ v for j in range(k + 1))
+    out = _run(zg.Neumann(iterations=k, alpha=alpha), r, theta0)
+    assert rel_err(out, -r.mixed(theta0, x)) <= 1e-12
+
+
+def test_neumann_chooses_a_safe_alpha_from_power_iteration() -> None:
+    r = make_ridge(40.0)
+    lam_max = float(torch.linalg.eigvalsh(r.hessian()).max())
+    assert lam_max > 2.0, "the test needs λ_max > 2, where Betty's default α = 1 diverges"
+    state: dict[str, object] = {}
+    _run(zg.Neumann(iterations=5), r, r.theta_star(), state=state)
+    info = state["neumann"]
+    assert isinstance(info, dict)
+    assert 0.0 < info["alpha"] < 2.0 / lam_max
+    assert info["lambda_max"] == pytest.approx(lam_max, rel=1e-3)
+
+
+def test_neumann_diverging_alpha_is_visible_not_silent() -> None:
+    """With α > 2/λ_max the series blows up (the reason α is chosen by power iteration)."""
+    r = make_ridge(40.0)
+    ts = r.theta_star()
+    good = _run(zg.Neumann(iterations=60), r, ts)
+    bad = _run(zg.Neumann(iterations=60, alpha=1.0), r, ts)
+    assert rel_err(good, r.implicit_hypergrad(ts)) < 0.5
+    assert bad.norm() > 1e6 * good.norm()
+
+
+def test_fixed_point_cold_start_equals_neumann() -> None:
+    r = make_ridge(40.0)
+    ts = r.theta_star()
+    a = _run(zg.FixedPoint(iterations=9, alpha=0.02, warm_start=False), r, ts)
+    b = _run(zg.Neumann(iterations=9, alpha=0.02), r, ts)
+    assert rel_err(a, b) <= 1e-14
+
+
+def test_fixed_point_warm_start_continues_the_iteration() -> None:
+    """Two warm calls of K iterations equal one cold run of 2K iterations (same θ and v)."""
+    r = make_ridge(40.0)
+    ts = r.theta_star()
+    state: dict[str, object] = {}
+    warm = zg.FixedPoint(iterations=20, alpha=0.02, warm_start=True)
+    _run(warm, r, ts, state=state)
+    second = _run(warm, r, ts, state=state)
+    cold = _run(zg.FixedPoint(iterations=40, alpha=0.02, warm_start=False), r, ts)
+    assert rel_err(second, cold) <= 1e-12
+
+
+# --------------------------------------------------------------------------- DARTS
+@pytest.mark.parametrize("mixed", ["fd", "exact"])
+@pytest.mark.parametrize("scale", [1.0, 0.05])
+def test_darts_equals_its_definition(ridge: Ridge, mixed: str, scale: float) -> None:
+    """darts = −scale · ∂²_{λθ} L_in · v; the central difference is exact for this loss."""
+    theta0 = ridge.theta_star() + 0.1
+    out = _run(zg.Darts(scale=scale, mixed=mixed), ridge, theta0)  # type: ignore[arg-type]
+    expected = -scale * ridge.mixed(theta0, ridge.v(theta0))
+    assert rel_err(out, expected) <= 1e-10
+
+
+def test_darts_finite_difference_radius_and_truncation() -> None:
+    """On a loss whose ∇_λ is cubic in θ the central difference has error ε²/6·∂³ — check it."""
+    theta0 = torch.tensor([0.7, -1.2], dtype=DTYPE)
+    lam0 = torch.tensor([0.3, 0.9], dtype=DTYPE)
+    v = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    theta, lam = theta0.clone().requires_grad_(), lam0.clone().requires_grad_()
+    obj = zg.InnerObjective([theta], [lam], lambda: (lam * theta**4).sum() / 4)
+    fd_eps = 0.01
+    out = zg.Darts(fd_eps=fd_eps)(obj, [v])[0]
+    # ∇_λ L = θ⁴/4 ⇒ [(θ+εv)⁴ − (θ−εv)⁴]/(8ε) = θ³v + θ v³ ε²  (exactly)
+    eps = fd_eps / float(v.norm())
+    expected = -(theta0**3 * v + theta0 * v**3 * eps**2)
+    assert rel_err(out, expected) <= 1e-10
+    exact = zg.Darts(mixed="exact")(obj, [v])[0]
+    assert rel_err(exact, -(theta0**3 * v)) <= 1e-14
+
+
+# --------------------------------------------------------------------------- SAMA
+def _update_jacobian_by_differences(
+    make_opt: object, theta_prev: torch.Tensor, state: dict, grad: torch.Tensor, h: float = 1e-5
+) -> torch.Tensor:
+    """∂u/∂g of the real torch.optim step by central differences (elementwise, float64)."""
+    def update(g: torch.Tensor) -> torch.Tensor:
+        p = torch.nn.Parameter(theta_prev.clone())
+        opt = make_opt([p])  # type: ignore[operator]
+        # load_state_dict shares tensors with its argument and step() mutates them: copy
+        opt.load_state_dict(copy.deepcopy(state))
+        p.grad = g.clone()
+        opt.step()
+        return theta_prev - p.detach()
+
+    return (update(grad + h) - update(grad - h)) / (2 * h)
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd_wd": lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.3),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "momentum_damp": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3),
+    "nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True,
+                                           weight_decay=0.01),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adam_wd": lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), weight_decay=0.1),
+    "adam_amsgrad": lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_sama_uses_the_exact_update_jacobian_of_torch_optim(name: str, steps: int) -> None:
+    """SAMA = −∂²_{λθ}L · (P v) with P the optimizer's true ∂u/∂g at its last step."""
+    r = make_ridge(40.0)
+    make_opt = OPTIMIZERS[name]
+    theta = torch.nn.Parameter(r.theta_star() + 0.5)
+    lam = r.lam.clone().requires_grad_()
+    opt = make_opt([theta])
+    method = zg.SAMA()
+    method_state: dict[str, object] = {}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        theta_prev = theta.detach().clone()
+        saved = copy.deepcopy(opt.state_dict())
+        # a gradient with entries of both signs and different sizes
+        grad = torch.randn(theta.shape, generator=gen, dtype=DTYPE)
+        theta.grad = grad.clone()
+        method.before_optimizer_step(opt, [theta], method_state)
+        opt.step()
+    jac = _update_jacobian_by_differences(make_opt, theta_prev, saved, grad)
+    v = r.v(theta.detach())
+    obj = zg.InnerObjective([theta], [lam], lambda: r.inner_loss(theta, lam), optimizer=opt,
+                            state=method_state)
+    out = method(obj, [v])[0]
+    expected = -r.mixed(theta.detach(), jac * v)
+    # The differenced reference is accurate to ~1e-9 of the update's own size (lr · |v|), not
+    # of a tiny Jacobian entry (Adam's first step has ∂u/∂g ≈ lr·ε/g²), so measure against it.
+    lr = opt.param_groups[0]["lr"]
+    size = float(r.mixed(theta.detach(), lr * v).norm())
+    assert float((out - expected).norm()) <= 1e-7 * size
+    assert float(out.norm()) > 0.0
+
+
+def test_sama_adam_formula_to_1e10() -> None:
+    """The documented Adam formula, written out here independently, to 1e-10."""
+    r = make_ridge(2.0)
+    theta = torch.nn.Parameter(r.theta_star() + 0.5)
+    lam = r.lam.clone().requires_grad_()
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    opt = torch.optim.Adam([theta], lr=lr, betas=(b1, b2), eps=eps)
+    method, state = zg.SAMA(), {}
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        g = torch.randn(theta.shape, generator=gen, dtype=DTYPE)
+        theta.grad = g.clone()
+        method.before_optimizer_step(opt, [theta], state)
+        opt.step()
+    s = opt.state[theta]
+    t = 3
+    m_hat = s["exp_avg"] / (1 - b1**t)
+    sq = (s["exp_avg_sq"] / (1 - b2**t)).sqrt()
+    jac = lr * ((1 - b1) / (1 - b1**t) * (sq + eps) - m_hat * (1 - b2) * g / ((1 - b2**t) * sq)) / (
+        sq + eps
+    ) ** 2
+    v = r.v(theta.detach())
+    obj = zg.InnerObjective([theta], [lam], lambda: r.inner_loss(theta, lam), optimizer=opt,
+                            state=state)
+    out = method(obj, [v])[0]
+    assert rel_err(out, -r.mixed(theta.detach(), jac * v)) <= 1e-10
+
+
+def test_sama_sgd_equals_darts_scaled_by_lr() -> None:
+    r = make_ridge(40.0)
+    theta = torch.nn.Parameter(r.theta_star())
+    lam = r.lam.clone().requires_grad_()
+    opt = torch.optim.SGD([theta], lr=0.07)
+    state: dict[str, object] = {}
+    theta.grad = torch.ones_like(theta)
+    zg.SAMA().before_optimizer_step(opt, [theta], state)
+    opt.step()
+    obj = zg.InnerObjective([theta], [lam], lambda: r.inner_loss(theta, lam), optimizer=opt,
+                            state=state)
+    v = r.v(theta.detach())
+    out = zg.SAMA()(obj, [v])[0]
+    darts = zg.Darts(scale=0.07)(obj, [v])[0]
+    assert rel_err(out, darts) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [lambda ps: torch.optim.Adamax(ps), lambda ps: torch.optim.RMSprop(ps),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True)],
+    ids=["adamax", "rmsprop", "maximize"],
+)
+def test_sama_refuses_optimizers_it_cannot_differentiate(make_opt: object) -> None:
+    theta = torch.nn.Parameter(torch.ones(3, dtype=DTYPE))
+    opt = make_opt([theta])  # type: ignore[operator]
+    theta.grad = torch.ones_like(theta)
+    with pytest.raises(zg.HypergradientError, match="SAMA") as err:
+        zg.SAMA().before_optimizer_step(opt, [theta], {"problem_name": "inner"})
+    assert "inner" in str(err.value)
+
+
+# --------------------------------------------------------------------------- failure modes
+def test_lower_loss_independent_of_upper_is_an_error_not_a_zero() -> None:
+    theta = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    lam = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    obj = zg.InnerObjective([theta], [lam], lambda: (theta**2).sum(), name="inner",
+                            upper_name="outer")
+    for method in (zg.Darts(), zg.CG(iterations=2), zg.Neumann(iterations=2)):
+        with pytest.raises(zg.HypergradientError, match="'inner'.*'outer'"):
+            method(obj, [torch.ones(3, dtype=DTYPE)])
+
+
+def test_wrong_vector_shape_is_reported() -> None:
+    theta = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    lam = torch.ones(3, dtype=DTYPE, requires_grad=True)
+    obj = zg.InnerObjective([theta], [lam], lambda: (lam * theta**2).sum(), name="inner")
+    with pytest.raises(zg.HypergradientError, match="shapes"):
+        zg.CG()(obj, [torch.ones(4, dtype=DTYPE)])

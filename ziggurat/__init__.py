@@ -1,0 +1,51 @@
+"""ziggurat: gradient-based multilevel optimization on PyTorch.
+
+Write each level as a ``Problem`` (module, optimizer, data, ``training_step``), connect the
+levels with u2l / l2u dependencies, and let the ``Engine`` run them; hypergradients through
+each lower level are computed by its configured method (``Darts``, ``SAMA``, ``CG``,
+``Neumann``, ``FixedPoint``).
+"""
+
+from __future__ import annotations
+
+from .config import Config, EngineConfig
+from .engine import Engine
+from .errors import ConfigError, GraphError, HypergradientError, ZigguratError
+from .graph import ProgramGraph, build_graph, chain
+from .hypergrad import (
+    CG,
+    SAMA,
+    Darts,
+    FixedPoint,
+    HypergradMethod,
+    InnerObjective,
+    Neumann,
+    register,
+)
+from .problem import ImplicitProblem, Problem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "SAMA",
+    "Config",
+    "ConfigError",
+    "Darts",
+    "Engine",
+    "EngineConfig",
+    "FixedPoint",
+    "GraphError",
+    "HypergradMethod",
+    "HypergradientError",
+    "ImplicitProblem",
+    "InnerObjective",
+    "Neumann",
+    "Problem",
+    "ProgramGraph",
+    "ZigguratError",
+    "__version__",
+    "build_graph",
+    "chain",
+    "register",
+]

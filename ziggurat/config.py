@@ -1,0 +1,181 @@
+"""Configuration of one problem (``Config``) and of the whole program (``EngineConfig``).
+
+Both are frozen dataclasses validated on creation: a wrong value raises ``ConfigError``
+naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .hypergrad import REGISTRY, HypergradMethod, resolve
+
+
+def _int(owner: str, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(owner, name, value, f"an integer >= {minimum}")
+
+
+def _optional_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if value is not None:
+        _int(owner, name, value, minimum)
+
+
+def _bool(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(owner, name, value, "True or False")
+
+
+def _float(owner: str, name: str, value: object, minimum: float = 0.0) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise ConfigError(owner, name, value, f"a finite number >= {minimum}")
+
+
+# Betty-style shorthand fields: (field name, methods it applies to, setting of the method).
+_SHORTHANDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("cg_iterations", ("cg",), "iterations"),
+    ("cg_damping", ("cg",), "damping"),
+    ("neumann_iterations", ("neumann",), "iterations"),
+    ("neumann_alpha", ("neumann",), "alpha"),
+    ("fixed_point_iterations", ("fixed_point",), "iterations"),
+    ("fixed_point_alpha", ("fixed_point",), "alpha"),
+    ("darts_alpha", ("darts", "sama"), "fd_eps"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one problem (one level).
+
+    Args:
+        type: how the hypergradient *through this problem* is computed when an upper
+            problem needs it: a name ("darts", "sama", "cg", "neumann", "fixed_point") or a
+            method object (``zg.CG(iterations=20, damping=1e-3)``).
+        unroll_steps: this problem's steps between two steps of its upper problems.
+        roll_back: restore this problem's parameters, buffers and optimizer state to where
+            they were before the unroll once its upper problems have stepped (look-ahead
+            steps; the lower problem does not keep them).
+        warmup_steps: this problem's first steps that do not count towards an upper step.
+        check_finite: stop with an error naming the problem and step when a hypergradient
+            this problem receives is NaN or infinite.
+        cg_iterations, cg_damping, neumann_iterations, neumann_alpha,
+        fixed_point_iterations, fixed_point_alpha, darts_alpha: shorthand for the settings
+            of a method given by name (``darts_alpha`` is the finite-difference radius
+            numerator of darts and sama). Setting one that does not belong to ``type`` is an
+            error.
+
+    Example:
+        >>> import ziggurat as zg
+        >>> zg.Config(type="cg", cg_iterations=20, unroll_steps=10).method
+        CG(iterations=20, damping=0.0, tol=None, mixed='auto', fd_eps=0.01)
+    """
+
+    type: str | HypergradMethod = "darts"
+    unroll_steps: int = 1
+    roll_back: bool = False
+    warmup_steps: int = 0
+    check_finite: bool = True
+    cg_iterations: int | None = None
+    cg_damping: float | None = None
+    neumann_iterations: int | None = None
+    neumann_alpha: float | None = None
+    fixed_point_iterations: int | None = None
+    fixed_point_alpha: float | None = None
+    darts_alpha: float | None = None
+    method: HypergradMethod = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _int("Config", "unroll_steps", self.unroll_steps, 1)
+        _int("Config", "warmup_steps", self.warmup_steps, 0)
+        _bool("Config", "roll_back", self.roll_back)
+        _bool("Config", "check_finite", self.check_finite)
+        name = self.type.name if isinstance(self.type, HypergradMethod) else self.type
+        settings: dict[str, Any] = {}
+        for short, methods, setting in _SHORTHANDS:
+            value = getattr(self, short)
+            if value is None:
+                continue
+            if isinstance(self.type, HypergradMethod) or name not in methods:
+                raise ConfigError(
+                    "Config", short, value,
+                    f"only with type in {list(methods)} given by name (type is {self.type!r}); "
+                    f"put the setting on the method object instead, e.g. "
+                    f"zg.{_class_name(methods[0])}({setting}={value!r})",
+                )
+            settings[setting] = value
+        try:
+            method = resolve(self.type, "Config", **settings)
+        except ConfigError as err:
+            if err.owner == "Config":
+                raise
+            shorts = [s for s, m, st in _SHORTHANDS if name in m and st == err.field]
+            if not shorts:
+                raise
+            raise ConfigError("Config", shorts[0], err.value, err.allowed) from None
+        object.__setattr__(self, "method", method)
+
+
+def _class_name(method_name: str) -> str:
+    return REGISTRY[method_name].__name__
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the whole program.
+
+    Args:
+        train_iters: engine iterations; each one steps every leaf problem once.
+        valid_step: call ``Engine.validation()`` every this many iterations (None: never).
+        early_stopping_metric: name of a metric returned by ``validation()``; None disables
+            early stopping.
+        early_stopping_mode: "min" or "max": whether smaller or larger is better.
+        early_stopping_patience: validations without improvement before the run stops.
+        early_stopping_min_delta: smallest change that counts as an improvement.
+        log_step: print each problem's latest loss and metrics every this many iterations
+            (None: never).
+
+    Example:
+        >>> import ziggurat as zg
+        >>> zg.EngineConfig(train_iters=100, valid_step=10).valid_step
+        10
+    """
+
+    train_iters: int = 1000
+    valid_step: int | None = None
+    early_stopping_metric: str | None = None
+    early_stopping_mode: Literal["min", "max"] = "min"
+    early_stopping_patience: int = 5
+    early_stopping_min_delta: float = 0.0
+    log_step: int | None = None
+
+    def __post_init__(self) -> None:
+        _int("EngineConfig", "train_iters", self.train_iters, 1)
+        _optional_int("EngineConfig", "valid_step", self.valid_step, 1)
+        _optional_int("EngineConfig", "log_step", self.log_step, 1)
+        if self.early_stopping_metric is not None and not (
+            isinstance(self.early_stopping_metric, str) and self.early_stopping_metric
+        ):
+            raise ConfigError(
+                "EngineConfig", "early_stopping_metric", self.early_stopping_metric,
+                "None or the name of a metric returned by Engine.validation()",
+            )
+        if self.early_stopping_metric is not None and self.valid_step is None:
+            raise ConfigError(
+                "EngineConfig", "valid_step", self.valid_step,
+                "an integer >= 1 when early_stopping_metric is set (early stopping is "
+                "decided on validation results)",
+            )
+        if self.early_stopping_mode not in ("min", "max"):
+            raise ConfigError(
+                "EngineConfig", "early_stopping_mode", self.early_stopping_mode, "'min' or 'max'"
+            )
+        _int("EngineConfig", "early_stopping_patience", self.early_stopping_patience, 1)
+        _float("EngineConfig", "early_stopping_min_delta", self.early_stopping_min_delta)

@@ -1,0 +1,171 @@
+"""The engine: runs a multilevel program's schedule, validation and early stopping.
+
+Schedule of one iteration (``train_step``), in bottom-up order: every leaf problem steps;
+a problem with lower problems steps once each lower problem c has taken
+``c.config.unroll_steps`` counted steps since the upper problem last stepped (steps within
+c's first ``c.config.warmup_steps`` do not count). After an upper problem steps, its lower
+problems begin a new unroll, and those with ``roll_back=True`` return to where that unroll
+began.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .config import EngineConfig
+from .errors import ConfigError, ZigguratError
+from .graph import DependencySpec, ProgramGraph, build_graph
+from .problem import Problem
+
+
+class Engine:
+    """Runs problems connected by u2l / l2u dependencies.
+
+    Args:
+        problems: every problem of the program.
+        dependencies: ``{"u2l": {upper: [lower, ...]}, "l2u": {lower: [upper, ...]}}`` with
+            problems or their names as keys and values (``zg.chain(outer, inner)`` builds a
+            chain); None for a single-level program.
+        config: ``zg.EngineConfig``.
+
+    Subclass and override ``validation()`` (returning a dict of metrics) to validate every
+    ``config.valid_step`` iterations. Problems are reachable as ``engine.<name>``.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        dependencies: DependencySpec | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, EngineConfig):
+            raise ConfigError("Engine", "config", type(config).__name__, "a zg.EngineConfig")
+        if isinstance(problems, Problem) or not all(isinstance(p, Problem) for p in problems):
+            raise ConfigError("Engine", "problems", problems, "a list of zg.Problem objects")
+        self.config = config if config is not None else EngineConfig()
+        self.problems: list[Problem] = list(problems)
+        self.global_step = 0
+        self.stopped_early = False
+        self.validation_history: list[tuple[int, dict[str, Any]]] = []
+        self._best: float | None = None
+        self._bad_validations = 0
+        for p in self.problems:
+            p.initialize()
+        self.set_dependency(dependencies)
+
+    # ----------------------------------------------------------------- program structure
+    def set_dependency(self, dependencies: DependencySpec | None) -> None:
+        """(Re)wire the program; step counters of the schedule start afresh."""
+        reserved = {attr for p in self.problems for attr in dir(p)}
+        reserved |= {attr for p in self.problems for attr in vars(p)}
+        self.graph: ProgramGraph = build_graph(self.problems, dependencies, reserved)
+        self._by_name = {p.name: p for p in self.problems}
+        for p in self.problems:
+            p.attach(self.graph, self._by_name)
+        # counted steps of each lower problem since each of its upper problems last stepped
+        self._pending = {(u, c): 0 for c in self.graph.names for u in self.graph.parents[c]}
+        self._unroll_open = {n: False for n in self.graph.names}
+
+    def __getattr__(self, item: str) -> Any:
+        by_name = self.__dict__.get("_by_name")
+        if by_name is not None and item in by_name:
+            return by_name[item]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{item}'")
+
+    # ----------------------------------------------------------------- schedule
+    def _ready(self, name: str) -> bool:
+        return all(
+            self._pending[(name, c)] >= self._by_name[c].config.unroll_steps
+            for c in self.graph.children[name]
+        )
+
+    def _step(self, name: str) -> None:
+        problem = self._by_name[name]
+        counted = problem.count >= problem.config.warmup_steps
+        if counted and not self._unroll_open[name]:
+            problem.start_unroll()
+            self._unroll_open[name] = True
+        problem.step()
+        if counted:
+            for u in self.graph.parents[name]:
+                self._pending[(u, name)] += 1
+
+    def train_step(self) -> list[str]:
+        """One iteration of the schedule; returns the names of the problems that stepped."""
+        stepped: list[str] = []
+        finished: list[str] = []
+        for name in self.graph.order:
+            if self.graph.is_leaf(name) or self._ready(name):
+                self._step(name)
+                stepped.append(name)
+                if not self.graph.is_leaf(name):
+                    for c in self.graph.children[name]:
+                        self._pending[(name, c)] = 0
+                        finished.append(c)
+        for c in dict.fromkeys(finished):
+            self._by_name[c].roll_back()
+            self._unroll_open[c] = False
+        self.global_step += 1
+        return stepped
+
+    # ----------------------------------------------------------------- run loop
+    def validation(self) -> Mapping[str, Any] | None:
+        """Override: evaluate the program and return metrics (e.g. {"loss": ...})."""
+        return None
+
+    def run(self) -> None:
+        """Run ``config.train_iters`` iterations with validation and early stopping."""
+        cfg = self.config
+        for _ in range(cfg.train_iters):
+            self.train_step()
+            if cfg.log_step is not None and self.global_step % cfg.log_step == 0:
+                self.log()
+            if cfg.valid_step is not None and self.global_step % cfg.valid_step == 0:
+                metrics = self.validation()
+                if metrics is not None:
+                    self.validation_history.append((self.global_step, dict(metrics)))
+                    if self._should_stop(metrics):
+                        self.stopped_early = True
+                        break
+
+    def _should_stop(self, metrics: Mapping[str, Any]) -> bool:
+        cfg = self.config
+        key = cfg.early_stopping_metric
+        if key is None:
+            return False
+        if key not in metrics:
+            raise ZigguratError(
+                f"EngineConfig.early_stopping_metric={key!r} is not among the metrics returned "
+                f"by validation() ({sorted(metrics)}); return it or change the setting."
+            )
+        value = float(metrics[key])
+        if math.isnan(value):
+            raise ZigguratError(f"validation metric '{key}' is NaN at step {self.global_step}.")
+        better = (
+            self._best is None
+            or (cfg.early_stopping_mode == "min" and value < self._best - cfg.early_stopping_min_delta)
+            or (cfg.early_stopping_mode == "max" and value > self._best + cfg.early_stopping_min_delta)
+        )
+        if better:
+            self._best = value
+            self._bad_validations = 0
+            return False
+        self._bad_validations += 1
+        return self._bad_validations >= cfg.early_stopping_patience
+
+    def log(self) -> None:
+        """Print each problem's latest loss and metrics on one line."""
+        parts = [f"[step {self.global_step}]"]
+        for p in self.problems:
+            if p.last_loss is None:
+                continue
+            text = f"{p.name}: loss={float(p.last_loss):.6g}"
+            for k, v in p.last_metrics.items():
+                try:
+                    text += f" {k}={float(v):.6g}"
+                except (TypeError, ValueError):
+                    continue
+            parts.append(text)
+        print("  ".join(parts), flush=True)

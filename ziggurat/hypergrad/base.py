@@ -1,0 +1,235 @@
+"""The one interface every implicit hypergradient method shares, and its sign convention.
+
+Lower problem θ*(λ) = argmin_θ L_in(θ, λ). Given v = ∂L_out/∂θ, every method returns its
+approximation of the best-response-Jacobian-vector product
+
+    (dθ*/dλ)ᵀ v = −∂²_{λθ} L_in · x,    x ≈ H⁻¹ v,  H = ∂²_{θθ} L_in,
+
+already carrying the minus sign: the caller *adds* the result to ∂_λ L_out. Methods differ
+only in how they choose x (``solve``); the mixed product ∂²_{λθ} L_in · x is shared and is
+computed exactly (double backward) or by a central finite difference of ∇_λ L_in.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, HypergradientError
+from . import linalg
+from .linalg import TensorList
+
+MixedMode = Literal["auto", "exact", "fd"]
+MIXED_MODES: tuple[str, ...] = ("auto", "exact", "fd")
+
+
+@dataclass
+class InnerObjective:
+    """The lower problem as a hypergradient method sees it, at its current point.
+
+    Attributes:
+        params: θ, the lower problem's trainable tensors (leaves; may be perturbed in place
+            and restored by finite-difference methods).
+        upper_params: λ, the tensors of the upper problem the hypergradient is taken for.
+        loss: recomputes L_in(θ, λ) at the current θ and λ (same batch every call).
+        optimizer: the lower problem's optimizer, for methods that use its update (SAMA).
+        state: per-problem scratch space that methods may keep between calls.
+        name / upper_name: used in error messages.
+    """
+
+    params: Sequence[Tensor]
+    upper_params: Sequence[Tensor]
+    loss: Callable[[], Tensor]
+    optimizer: torch.optim.Optimizer | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    name: str = "inner"
+    upper_name: str = "upper"
+
+
+class Curvature:
+    """Second-order products of L_in at the current point, sharing one graph of ∇_θ L_in.
+
+    The graph of g = ∇_θ L_in (built with create_graph) is made on first use and reused by
+    every Hessian-vector product and by the exact mixed product.
+    """
+
+    def __init__(self, objective: InnerObjective) -> None:
+        self.objective = objective
+        self._grad: tuple[Tensor, ...] | None = None
+
+    def gradient(self) -> tuple[Tensor, ...]:
+        """g = ∇_θ L_in with its graph (built once)."""
+        if self._grad is None:
+            loss = self.objective.loss()
+            params = list(self.objective.params)
+            self._grad = torch.autograd.grad(
+                loss, params, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+        return self._grad
+
+    def _product(self, inputs: Sequence[Tensor], x: Sequence[Tensor], retain: bool) -> list[
+        Tensor | None
+    ]:
+        grad = self.gradient()
+        pairs = [(g, xi) for g, xi in zip(grad, x) if g.requires_grad]
+        if not pairs:
+            return [None] * len(inputs)
+        outs, vecs = zip(*pairs)
+        return list(
+            torch.autograd.grad(
+                list(outs), list(inputs), list(vecs), retain_graph=retain, allow_unused=True
+            )
+        )
+
+    def hvp(self, x: Sequence[Tensor]) -> TensorList:
+        """H x with H = ∂²_{θθ} L_in."""
+        params = self.objective.params
+        out = self._product(params, x, retain=True)
+        return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+
+    def mixed(self, x: Sequence[Tensor]) -> TensorList:
+        """∂²_{λθ} L_in · x by double backward; releases the graph afterwards."""
+        obj = self.objective
+        out = self._product(obj.upper_params, x, retain=False)
+        self._grad = None
+        if all(o is None for o in out):
+            raise HypergradientError(
+                f"∇_θ L of problem '{obj.name}' does not depend on the parameters of "
+                f"'{obj.upper_name}', so its hypergradient would be silently zero. Check that "
+                f"'{obj.name}'.training_step uses '{obj.upper_name}' without detaching it, or "
+                f"remove the dependency between them."
+            )
+        return [
+            torch.zeros_like(p) if o is None else o.detach()
+            for o, p in zip(out, obj.upper_params)
+        ]
+
+
+def upper_gradient(objective: InnerObjective) -> list[Tensor | None]:
+    """∇_λ L_in at the current θ (no graph kept); None where a λ tensor is unused."""
+    loss = objective.loss()
+    grads = torch.autograd.grad(loss, list(objective.upper_params), allow_unused=True)
+    if all(g is None for g in grads):
+        raise HypergradientError(
+            f"the loss of problem '{objective.name}' does not depend on the parameters of "
+            f"'{objective.upper_name}', so its hypergradient would be silently zero. Check "
+            f"that '{objective.name}'.training_step uses '{objective.upper_name}' without "
+            f"detaching it, or remove the dependency between them."
+        )
+    return list(grads)
+
+
+def mixed_finite_difference(
+    objective: InnerObjective, x: Sequence[Tensor], eps_scale: float
+) -> TensorList:
+    """∂²_{λθ} L_in · x ≈ [∇_λ L_in(θ + εx) − ∇_λ L_in(θ − εx)] / (2ε), ε = eps_scale/‖x‖.
+
+    θ is perturbed in place and restored by the opposite additions (+εx, −2εx, +εx), so no
+    copy of θ is made. Exact (up to rounding) when ∇_λ L_in is quadratic in θ.
+    """
+    params = list(objective.params)
+    x = list(x)
+    x_norm = float(linalg.norm(x))
+    if x_norm == 0.0:
+        return linalg.zeros_like(objective.upper_params)
+    if not math.isfinite(x_norm):
+        raise HypergradientError(
+            f"the vector passed to the finite difference of problem '{objective.name}' is not "
+            f"finite (norm {x_norm}); the upper loss or a lower level produced NaN/Inf."
+        )
+    eps = eps_scale / x_norm
+    with torch.no_grad():
+        torch._foreach_add_(params, x, alpha=eps)
+    try:
+        plus = upper_gradient(objective)
+        with torch.no_grad():
+            torch._foreach_add_(params, x, alpha=-2.0 * eps)
+        minus = upper_gradient(objective)
+    finally:
+        with torch.no_grad():
+            torch._foreach_add_(params, x, alpha=eps)
+    out: TensorList = []
+    for gp, gm, lam in zip(plus, minus, objective.upper_params):
+        if gp is None or gm is None:
+            out.append(torch.zeros_like(lam))
+        else:
+            out.append((gp - gm) / (2.0 * eps))
+    return out
+
+
+def check_positive_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
+    """Raise ConfigError unless ``value`` is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(owner, name, value, f"an integer >= {minimum}")
+
+
+def check_positive_float(
+    owner: str, name: str, value: object, allow_zero: bool = False, allow_none: bool = False
+) -> None:
+    """Raise ConfigError unless ``value`` is a finite real > 0 (or >= 0, or None)."""
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        extra = " or None" if allow_none else ""
+        raise ConfigError(owner, name, value, f"a finite number {bound}{extra}")
+
+
+class HypergradMethod(ABC):
+    """Base class: a method is a small frozen settings object that is also callable.
+
+    ``method(objective, v)`` returns (dθ*/dλ)ᵀ v ≈ −∂²_{λθ} L_in · solve(v).
+    Subclasses set ``name``, ``default_mixed`` and implement ``solve``.
+    """
+
+    name: ClassVar[str] = ""
+    #: mixed-product mode used when ``mixed="auto"``: "exact" for methods that build the
+    #: Hessian graph anyway (the product is then one more backward), "fd" otherwise.
+    default_mixed: ClassVar[Literal["exact", "fd"]] = "exact"
+
+    mixed: MixedMode
+    fd_eps: float
+
+    def _check_mixed(self) -> None:
+        if self.mixed not in MIXED_MODES:
+            raise ConfigError(type(self).__name__, "mixed", self.mixed, f"one of {MIXED_MODES}")
+        check_positive_float(type(self).__name__, "fd_eps", self.fd_eps)
+
+    @abstractmethod
+    def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
+        """Return x ≈ H⁻¹ v (or the method's stand-in for it)."""
+
+    def before_optimizer_step(
+        self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
+    ) -> None:
+        """Called by the lower problem just before its optimizer steps (default: nothing)."""
+
+    def __call__(self, objective: InnerObjective, v: Sequence[Tensor]) -> TensorList:
+        """(dθ*/dλ)ᵀ v, to be added to ∂_λ L_out."""
+        params = list(objective.params)
+        if len(v) != len(params) or any(a.shape != b.shape for a, b in zip(v, params)):
+            raise HypergradientError(
+                f"{type(self).__name__}: the vector has shapes {[tuple(a.shape) for a in v]} "
+                f"but problem '{objective.name}' has parameters of shapes "
+                f"{[tuple(p.shape) for p in params]}."
+            )
+        curvature = Curvature(objective)
+        x = self.solve(objective, [t.detach() for t in v], curvature)
+        mode = self.default_mixed if self.mixed == "auto" else self.mixed
+        if mode == "exact":
+            product = curvature.mixed(x)
+        else:
+            product = mixed_finite_difference(objective, x, self.fd_eps)
+        return [p.neg_() for p in product]

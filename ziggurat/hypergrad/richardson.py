@@ -1,0 +1,69 @@
+"""Richardson iteration y ← y + α(v − H y), shared by the Neumann and fixed-point methods.
+
+From y₀ = αv, K iterations give α Σ_{k=0}^{K} (I − αH)^k v, the Neumann series. It converges
+to H⁻¹ v when every eigenvalue of H lies in (0, 2/α); the error shrinks by the factor
+max_i |1 − α λ_i(H)| per iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import HypergradientError
+from . import linalg
+from .base import Curvature, InnerObjective
+from .linalg import TensorList
+
+
+def step_size(
+    objective: InnerObjective,
+    curvature: Curvature,
+    alpha: float | None,
+    power_iterations: int,
+    refresh: int,
+    key: str,
+) -> float | Tensor:
+    """α as given, or 1/λ̂_max(H) from power iteration, re-estimated every ``refresh`` calls.
+
+    1/λ̂ keeps a safety margin of 2 below the divergence bound 2/λ_max. The estimate and its
+    eigenvector are kept in ``objective.state`` under ``key`` so refreshes start warm.
+    """
+    if alpha is not None:
+        return alpha
+    state: dict[str, Any] = objective.state.setdefault(key, {"calls": 0})
+    if "alpha" not in state or state["calls"] % refresh == 0:
+        like = list(objective.params)
+        generator = torch.Generator().manual_seed(0)
+        estimate = linalg.power_iteration(curvature.hvp, like, power_iterations, generator)
+        lam = float(estimate)
+        if not lam > 0.0 or lam != lam or lam == float("inf"):
+            raise HypergradientError(
+                f"the Hessian of problem '{objective.name}' shows no positive curvature "
+                f"(power-iteration estimate of λ_max = {lam}), so a Neumann / fixed-point step "
+                f"size cannot be chosen. Use CG with damping, or set alpha explicitly."
+            )
+        state["alpha"] = 1.0 / lam
+        state["lambda_max"] = lam
+    state["calls"] += 1
+    return float(state["alpha"])
+
+
+def richardson(
+    curvature: Curvature,
+    v: TensorList,
+    alpha: float | Tensor,
+    iterations: int,
+    start: TensorList | None = None,
+) -> TensorList:
+    """Run ``iterations`` steps of y ← y + α(v − H y) from ``start`` (or y₀ = αv, free)."""
+    if start is None:
+        y = linalg.scale(alpha, v)
+    else:
+        y = linalg.clone(start)
+    for _ in range(iterations):
+        residual = torch._foreach_sub(v, curvature.hvp(y))
+        linalg.axpy_(alpha, residual, y)
+    return y
