@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from ridge import DTYPE, Ridge, condition_number, make_ridge, rel_err
 
 import ziggurat as zg
-from ridge import DTYPE, Ridge, condition_number, make_ridge, rel_err
 
 CONDITIONS = [2.0, 40.0]
 
@@ -309,7 +309,7 @@ def test_lower_loss_independent_of_upper_is_an_error_not_a_zero() -> None:
     obj = zg.InnerObjective([theta], [lam], lambda: (theta**2).sum(), name="inner",
                             upper_name="outer")
     for method in (zg.Darts(), zg.CG(iterations=2), zg.Neumann(iterations=2)):
-        with pytest.raises(zg.HypergradientError, match="'inner'.*'outer'"):
+        with pytest.raises(zg.HypergradientError, match=r"'inner'.*'outer'"):
             method(obj, [torch.ones(3, dtype=DTYPE)])
 
 

@@ -36,7 +36,7 @@ class BatchStream:
             )
         self.owner = owner
         self.sources: list[Iterable[Any]] = (
-            [] if data is None else list(data) if is_loader_group(data) else [data]  # type: ignore[arg-type]
+            [] if data is None else list(data) if is_loader_group(data) else [data]
         )
         self._iterators: list[Iterator[Any] | None] = [None] * len(self.sources)
         self._on_epoch_end = on_epoch_end

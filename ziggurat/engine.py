@@ -143,10 +143,11 @@ class Engine:
         value = float(metrics[key])
         if math.isnan(value):
             raise ZigguratError(f"validation metric '{key}' is NaN at step {self.global_step}.")
+        delta = cfg.early_stopping_min_delta
         better = (
             self._best is None
-            or (cfg.early_stopping_mode == "min" and value < self._best - cfg.early_stopping_min_delta)
-            or (cfg.early_stopping_mode == "max" and value > self._best + cfg.early_stopping_min_delta)
+            or (cfg.early_stopping_mode == "min" and value < self._best - delta)
+            or (cfg.early_stopping_mode == "max" and value > self._best + delta)
         )
         if better:
             self._best = value

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Protocol
 
 from .errors import GraphError
@@ -169,7 +170,7 @@ def build_graph(
             )
         for chain in found:
             paths[u].append(chain)
-            used.update(zip(chain[:-1], chain[1:]))
+            used.update(pairwise(chain))
     for a, b in u2l:
         if (a, b) not in used:
             raise GraphError(
@@ -234,7 +235,7 @@ def chain(*problems: Hashable) -> dict[str, dict[Hashable, list[Hashable]]]:
         raise GraphError("chain(...) needs at least two problems, listed top level first.")
     u2l: dict[Hashable, list[Hashable]] = {}
     l2u: dict[Hashable, list[Hashable]] = {}
-    for upper, lower in zip(problems[:-1], problems[1:]):
+    for upper, lower in pairwise(problems):
         u2l.setdefault(upper, []).append(lower)
         l2u.setdefault(lower, []).append(upper)
     return {"u2l": u2l, "l2u": l2u}

@@ -32,7 +32,9 @@ for _cls in (Darts, SAMA, CG, Neumann, FixedPoint):
     register(_cls)
 
 
-def resolve(method: str | HypergradMethod, owner: str = "Config", **settings: Any) -> HypergradMethod:
+def resolve(
+    method: str | HypergradMethod, owner: str = "Config", **settings: Any
+) -> HypergradMethod:
     """A method object from a registered name (with settings) or a method object as is."""
     if isinstance(method, HypergradMethod):
         if settings:

@@ -211,7 +211,7 @@ class HypergradMethod(ABC):
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         """Return x ≈ H⁻¹ v (or the method's stand-in for it)."""
 
-    def before_optimizer_step(
+    def before_optimizer_step(  # noqa: B027 - optional hook, a no-op by default
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
         """Called by the lower problem just before its optimizer steps (default: nothing)."""

@@ -41,8 +41,8 @@ def norm(xs: Sequence[Tensor]) -> Tensor:
 def axpy(alpha: Tensor | float, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
     """Return y + alpha * x (new tensors)."""
     if isinstance(alpha, Tensor):
-        return torch._foreach_add(list(ys), torch._foreach_mul(list(xs), alpha))
-    return torch._foreach_add(list(ys), list(xs), alpha=alpha)
+        return list(torch._foreach_add(list(ys), torch._foreach_mul(list(xs), alpha)))
+    return list(torch._foreach_add(list(ys), list(xs), alpha=alpha))
 
 
 def axpy_(alpha: Tensor | float, xs: Sequence[Tensor], ys: list[Tensor]) -> None:
