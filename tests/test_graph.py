@@ -109,9 +109,7 @@ def test_dependency_key_is_a_different_object_with_a_known_name() -> None:
     outer, inner = Node("outer"), Node("inner")
     impostor = Node("outer")
     with pytest.raises(zg.GraphError) as info:
-        zg.build_graph(
-            [outer, inner], {"u2l": {impostor: [inner]}, "l2u": {inner: [outer]}}
-        )
+        zg.build_graph([outer, inner], {"u2l": {impostor: [inner]}, "l2u": {inner: [outer]}})
     msg = str(info.value)
     assert "['u2l'] key" in msg
     assert "'outer'" in msg
@@ -122,15 +120,21 @@ def test_dependency_key_is_a_different_object_with_a_known_name() -> None:
 def test_dependency_value_is_a_different_object_with_a_known_name() -> None:
     outer, inner = quad_problem("outer"), quad_problem("inner", parents=("outer",))
     other_inner = quad_problem("inner")
-    with pytest.raises(zg.GraphError, match=r"\['u2l'\]\['outer'\] name a problem 'inner' "
-                       r"that is not the object passed"):
+    with pytest.raises(
+        zg.GraphError,
+        match=r"\['u2l'\]\['outer'\] name a problem 'inner' "
+        r"that is not the object passed",
+    ):
         zg.Engine([outer, inner], {"u2l": {outer: [other_inner]}, "l2u": {inner: [outer]}})
 
 
 def test_dependency_item_that_is_neither_problem_nor_name() -> None:
     n = nodes("outer", "inner")
-    with pytest.raises(zg.GraphError, match=r"contain 42, which is neither a problem nor a "
-                       r"problem name"):
+    with pytest.raises(
+        zg.GraphError,
+        match=r"contain 42, which is neither a problem nor a "
+        r"problem name",
+    ):
         zg.build_graph(list(n.values()), {"u2l": {"outer": [42]}})
 
 
@@ -160,8 +164,11 @@ def test_dependency_table_not_a_dict() -> None:
 @pytest.mark.parametrize("kind", ["u2l", "l2u"])
 def test_self_loop(kind: str) -> None:
     n = nodes("solo", "other")
-    with pytest.raises(zg.GraphError, match=rf"dependencies\['{kind}'\] link problem 'solo' "
-                       r"to itself"):
+    with pytest.raises(
+        zg.GraphError,
+        match=rf"dependencies\['{kind}'\] link problem 'solo' "
+        r"to itself",
+    ):
         zg.build_graph(list(n.values()), {kind: {"solo": ["solo"]}})
 
 
@@ -182,8 +189,10 @@ def test_three_cycle_shows_the_cycle() -> None:
     with pytest.raises(zg.GraphError, match=r"form a cycle: a -> b -> c -> a "):
         zg.build_graph(
             list(n.values()),
-            {"u2l": {"a": ["b"], "b": ["c"], "c": ["a"]},
-             "l2u": {"b": ["a"], "c": ["b"], "a": ["c"]}},
+            {
+                "u2l": {"a": ["b"], "b": ["c"], "c": ["a"]},
+                "l2u": {"b": ["a"], "c": ["b"], "a": ["c"]},
+            },
         )
 
 
@@ -225,8 +234,19 @@ def test_l2u_edge_without_u2l_path_beneath() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["module", "step", "config", "optimizer", "count", "name", "leaf", "paths",
-             "training_step", "_private"]
+    "name",
+    [
+        "module",
+        "step",
+        "config",
+        "optimizer",
+        "count",
+        "name",
+        "leaf",
+        "paths",
+        "training_step",
+        "_private",
+    ],
 )
 def test_problem_name_clashing_with_problem_attribute(name: str) -> None:
     clash = quad_problem(name, reads=("lower",))
@@ -238,12 +258,6 @@ def test_problem_name_clashing_with_problem_attribute(name: str) -> None:
     assert "pick another name" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Engine accepts problem names that clash with Engine attributes (graph, run, "
-    "global_step, validation, problems); engine.<name> then returns the Engine attribute, "
-    "not the problem, contradicting 'Problems are reachable as engine.<name>'",
-)
 @pytest.mark.parametrize("name", ["graph", "run", "global_step", "validation", "problems"])
 def test_problem_name_clashing_with_engine_attribute(name: str) -> None:
     upper = quad_problem(name, reads=("lower",))
@@ -286,10 +300,14 @@ def test_three_level_chain_structure() -> None:
     assert g.reads == {"top": ("mid",), "mid": ("bottom",), "bottom": ()}
     assert g.paths == {"top": (("top", "mid"),), "mid": (("mid", "bottom"),), "bottom": ()}
     assert [g.is_leaf(x) for x in ("top", "mid", "bottom")] == [False, False, True]
-    assert sorted(g.edges()) == sorted([
-        ("u2l", "top", "mid"), ("u2l", "mid", "bottom"),
-        ("l2u", "mid", "top"), ("l2u", "bottom", "mid"),
-    ])
+    assert sorted(g.edges()) == sorted(
+        [
+            ("u2l", "top", "mid"),
+            ("u2l", "mid", "bottom"),
+            ("l2u", "mid", "top"),
+            ("l2u", "bottom", "mid"),
+        ]
+    )
 
 
 def test_top_reading_bottom_through_two_middles_has_two_paths() -> None:
@@ -305,7 +323,10 @@ def test_top_reading_bottom_through_two_middles_has_two_paths() -> None:
     assert g.children["top"] == ("m1", "m2")
     assert g.reads["top"] == ("m1", "m2", "base")
     assert g.paths["top"] == (
-        ("top", "m1"), ("top", "m2"), ("top", "m1", "base"), ("top", "m2", "base"),
+        ("top", "m1"),
+        ("top", "m2"),
+        ("top", "m1", "base"),
+        ("top", "m2", "base"),
     )
     assert g.paths["m1"] == (("m1", "base"),)
     assert g.paths["m2"] == (("m2", "base"),)
@@ -325,9 +346,7 @@ def test_engine_diamond_with_problem_objects() -> None:
     u1 = quad_problem("u1", reads=("low",))
     u2 = quad_problem("u2", reads=("low",))
     low = quad_problem("low", parents=("u1", "u2"))
-    engine = zg.Engine(
-        [u1, u2, low], {"u2l": {u1: [low], u2: [low]}, "l2u": {low: [u1, u2]}}
-    )
+    engine = zg.Engine([u1, u2, low], {"u2l": {u1: [low], u2: [low]}, "l2u": {low: [u1, u2]}})
     assert engine.graph.order == ("low", "u1", "u2")
     assert low.parents == [u1, u2]
     assert low.children == []
@@ -340,10 +359,16 @@ def test_engine_diamond_with_problem_objects() -> None:
 
 
 def test_names_as_strings_give_the_same_graph_as_objects() -> None:
-    a1, b1, c1 = quad_problem("a", reads=("b",)), quad_problem("b", ("a",), ("c",)), \
-        quad_problem("c", ("b",))
-    a2, b2, c2 = quad_problem("a", reads=("b",)), quad_problem("b", ("a",), ("c",)), \
-        quad_problem("c", ("b",))
+    a1, b1, c1 = (
+        quad_problem("a", reads=("b",)),
+        quad_problem("b", ("a",), ("c",)),
+        quad_problem("c", ("b",)),
+    )
+    a2, b2, c2 = (
+        quad_problem("a", reads=("b",)),
+        quad_problem("b", ("a",), ("c",)),
+        quad_problem("c", ("b",)),
+    )
     by_name = zg.Engine([a1, b1, c1], zg.chain("a", "b", "c"))
     by_object = zg.Engine([a2, b2, c2], zg.chain(a2, b2, c2))
     assert by_name.graph == by_object.graph
@@ -372,8 +397,11 @@ def test_engine_and_problem_attribute_access() -> None:
 def test_structure_properties_before_engine() -> None:
     p = quad_problem("lonely")
     for prop in ("parents", "children", "paths", "leaf"):
-        with pytest.raises(zg.ZigguratError, match=r"problem 'lonely' is not part of an Engine "
-                           r"yet; pass it to zg.Engine"):
+        with pytest.raises(
+            zg.ZigguratError,
+            match=r"problem 'lonely' is not part of an Engine "
+            r"yet; pass it to zg.Engine",
+        ):
             getattr(p, prop)
 
 
@@ -413,3 +441,24 @@ def test_failed_rewire_keeps_the_previous_program() -> None:
     # the pending unroll count survived the failed rewire
     assert engine.train_step() == ["inner", "outer"]
     assert (outer.count, inner.count) == (1, 2)
+
+
+def test_single_objects_as_dependency_values() -> None:
+    outer = quad_problem("outer", reads=("inner",))
+    inner = quad_problem("inner", parents=("outer",))
+    engine = zg.Engine([outer, inner], {"u2l": {outer: inner}, "l2u": {inner: outer}})
+    assert engine.graph.children["outer"] == ("inner",)
+    assert engine.graph.reads["outer"] == ("inner",)
+
+
+def test_rewire_to_no_dependencies_makes_every_problem_a_leaf() -> None:
+    outer = quad_problem("outer", reads=("inner",))
+    inner = quad_problem("inner", parents=("outer",), config=zg.Config(unroll_steps=3))
+    engine = zg.Engine([outer, inner], zg.chain(outer, inner))
+    assert [engine.train_step() for _ in range(3)] == [["inner"], ["inner"], ["inner", "outer"]]
+    engine.set_dependency(None)
+    assert engine.graph.order == ("outer", "inner")
+    assert outer.leaf and inner.leaf and inner.parents == []
+    # outer's loss still uses inner's θ, but as a leaf it only differentiates its own θ
+    assert [engine.train_step() for _ in range(2)] == [["outer", "inner"]] * 2
+    assert (outer.count, inner.count) == (3, 5)

@@ -6,38 +6,12 @@ naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
 from .hypergrad import REGISTRY, HypergradMethod, resolve
-
-
-def _int(owner: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(owner, name, value, f"an integer >= {minimum}")
-
-
-def _optional_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if value is not None:
-        _int(owner, name, value, minimum)
-
-
-def _bool(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(owner, name, value, "True or False")
-
-
-def _float(owner: str, name: str, value: object, minimum: float = 0.0) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < minimum
-    ):
-        raise ConfigError(owner, name, value, f"a finite number >= {minimum}")
-
+from .validation import check_bool, check_float, check_int
 
 # Betty-style shorthand fields: (field name, methods it applies to, setting of the method).
 _SHORTHANDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -62,7 +36,8 @@ class Config:
         unroll_steps: this problem's steps between two steps of its upper problems.
         roll_back: restore this problem's parameters, buffers and optimizer state to where
             they were before the unroll once its upper problems have stepped (look-ahead
-            steps; the lower problem does not keep them).
+            steps; the lower problem does not keep them). Its step count and its
+            learning-rate scheduler are not rewound.
         warmup_steps: this problem's first steps that do not count towards an upper step.
         check_finite: stop with an error naming the problem and step when a hypergradient
             this problem receives is NaN or infinite.
@@ -93,10 +68,10 @@ class Config:
     method: HypergradMethod = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _int("Config", "unroll_steps", self.unroll_steps, 1)
-        _int("Config", "warmup_steps", self.warmup_steps, 0)
-        _bool("Config", "roll_back", self.roll_back)
-        _bool("Config", "check_finite", self.check_finite)
+        check_int("Config", "unroll_steps", self.unroll_steps, 1)
+        check_int("Config", "warmup_steps", self.warmup_steps, 0)
+        check_bool("Config", "roll_back", self.roll_back)
+        check_bool("Config", "check_finite", self.check_finite)
         name = self.type.name if isinstance(self.type, HypergradMethod) else self.type
         settings: dict[str, Any] = {}
         for short, methods, setting in _SHORTHANDS:
@@ -157,9 +132,9 @@ class EngineConfig:
     log_step: int | None = None
 
     def __post_init__(self) -> None:
-        _int("EngineConfig", "train_iters", self.train_iters, 1)
-        _optional_int("EngineConfig", "valid_step", self.valid_step, 1)
-        _optional_int("EngineConfig", "log_step", self.log_step, 1)
+        check_int("EngineConfig", "train_iters", self.train_iters, 1)
+        check_int("EngineConfig", "valid_step", self.valid_step, 1, allow_none=True)
+        check_int("EngineConfig", "log_step", self.log_step, 1, allow_none=True)
         if self.early_stopping_metric is not None and not (
             isinstance(self.early_stopping_metric, str) and self.early_stopping_metric
         ):
@@ -177,5 +152,5 @@ class EngineConfig:
             raise ConfigError(
                 "EngineConfig", "early_stopping_mode", self.early_stopping_mode, "'min' or 'max'"
             )
-        _int("EngineConfig", "early_stopping_patience", self.early_stopping_patience, 1)
-        _float("EngineConfig", "early_stopping_min_delta", self.early_stopping_min_delta)
+        check_int("EngineConfig", "early_stopping_patience", self.early_stopping_patience, 1)
+        check_float("EngineConfig", "early_stopping_min_delta", self.early_stopping_min_delta)

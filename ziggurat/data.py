@@ -49,17 +49,20 @@ class BatchStream:
         try:
             return next(it)
         except StopIteration:
-            if i == 0:
-                self.epoch += 1
-                self._on_epoch_end()
-            self._iterators[i] = iter(self.sources[i])
-            try:
-                return next(self._iterators[i])  # type: ignore[arg-type]
-            except StopIteration:
-                raise ConfigError(
-                    self.owner, "train_data_loader", "an empty loader",
-                    "a loader that yields at least one batch",
-                ) from None
+            pass
+        fresh = iter(self.sources[i])
+        try:
+            batch = next(fresh)
+        except StopIteration:
+            raise ConfigError(
+                self.owner, "train_data_loader", "an empty loader",
+                "a loader that yields at least one batch",
+            ) from None
+        self._iterators[i] = fresh
+        if i == 0:
+            self.epoch += 1
+            self._on_epoch_end()
+        return batch
 
     def next(self) -> Any:
         """The next batch (None when the problem has no data)."""

@@ -58,8 +58,8 @@ class Engine:
     # ----------------------------------------------------------------- program structure
     def set_dependency(self, dependencies: DependencySpec | None) -> None:
         """(Re)wire the program; step counters of the schedule start afresh."""
-        reserved = {attr for p in self.problems for attr in dir(p)}
-        reserved |= {attr for p in self.problems for attr in vars(p)}
+        # problems are reached as problem.<name> and engine.<name>: no attribute may clash
+        reserved = {attr for p in self.problems for attr in dir(p)} | set(dir(self)) | {"graph"}
         self.graph: ProgramGraph = build_graph(self.problems, dependencies, reserved)
         self._by_name = {p.name: p for p in self.problems}
         for p in self.problems:

@@ -8,7 +8,6 @@ each problem steps; a problem never steps another.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ from torch import Tensor
 from .config import Config
 from .data import BatchStream
 from .errors import ConfigError, HypergradientError, ZigguratError
-from .hypergrad import InnerObjective
+from .hypergrad import InnerObjective, linalg
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -74,8 +73,8 @@ class Problem:
         self.epoch = 0
         self.last_loss: Tensor | None = None
         self.last_metrics: dict[str, Any] = {}
-        self.last_hypergrad_norm: float | None = None
         self.method_state: dict[str, Any] = {"problem_name": name}
+        self._hypergrad_norm: Tensor | None = None
         self._others: dict[str, Problem] = {}
         self._graph: ProgramGraph | None = None
         self._stream: BatchStream | None = None
@@ -103,6 +102,11 @@ class Problem:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, type={self.config.method.name!r})"
+
+    @property
+    def last_hypergrad_norm(self) -> float | None:
+        """Norm of the hypergradient received at the last step (None before any)."""
+        return None if self._hypergrad_norm is None else float(self._hypergrad_norm)
 
     @property
     def parents(self) -> list[Problem]:
@@ -254,6 +258,15 @@ class Problem:
         replaced = self.grad_callback(grads)
         if replaced is not None:
             grads = list(replaced)
+            if len(grads) != len(params) or any(
+                g.shape != p.shape for g, p in zip(grads, params)
+            ):
+                raise ZigguratError(
+                    f"grad_callback of problem '{self.name}' returned gradients of shapes "
+                    f"{[tuple(g.shape) for g in grads]} for parameters of shapes "
+                    f"{[tuple(p.shape) for p in params]}; return one gradient per trainable "
+                    f"parameter (or None to keep them)."
+                )
         for p, g in zip(params, grads):
             p.grad = g
         self.before_optimizer_step(params)
@@ -326,15 +339,15 @@ class Problem:
                 upper = self if i == 1 else self._others[path[i - 1]]
                 vec = lower.best_response_vjp(vec, upper)
             torch._foreach_add_(hyper, vec)
-        if self.config.check_finite:
-            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(hyper))))
-            self.last_hypergrad_norm = norm
-            if not math.isfinite(norm):
-                raise HypergradientError(
-                    f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
-                    f"not finite (norm {norm}); the run is stopped. Lower the learning rates, "
-                    f"add CG damping, or check the Neumann alpha of the problems below it."
-                )
+        self._hypergrad_norm = linalg.norm(hyper)  # kept as a tensor: no host sync here
+        if self.config.check_finite and not linalg.all_finite(hyper):
+            bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
+            raise HypergradientError(
+                f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
+                f"not finite (NaN or Inf in parameters {bad}); the run is stopped. Lower the "
+                f"learning rates, add CG damping, or check the Neumann alpha of the problems "
+                f"below it."
+            )
         torch._foreach_add_(grads, hyper)
         return grads
 

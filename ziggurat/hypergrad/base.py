@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, HypergradientError
+from ..validation import check_float
 from . import linalg
 from .linalg import TensorList
 
@@ -163,30 +164,6 @@ def mixed_finite_difference(
     return out
 
 
-def check_positive_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
-    """Raise ConfigError unless ``value`` is an int >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(owner, name, value, f"an integer >= {minimum}")
-
-
-def check_positive_float(
-    owner: str, name: str, value: object, allow_zero: bool = False, allow_none: bool = False
-) -> None:
-    """Raise ConfigError unless ``value`` is a finite real > 0 (or >= 0, or None)."""
-    if value is None and allow_none:
-        return
-    ok = (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        extra = " or None" if allow_none else ""
-        raise ConfigError(owner, name, value, f"a finite number {bound}{extra}")
-
-
 class HypergradMethod(ABC):
     """Base class: a method is a small frozen settings object that is also callable.
 
@@ -205,7 +182,7 @@ class HypergradMethod(ABC):
     def _check_mixed(self) -> None:
         if self.mixed not in MIXED_MODES:
             raise ConfigError(type(self).__name__, "mixed", self.mixed, f"one of {MIXED_MODES}")
-        check_positive_float(type(self).__name__, "fd_eps", self.fd_eps)
+        check_float(type(self).__name__, "fd_eps", self.fd_eps, strict=True)
 
     @abstractmethod
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:

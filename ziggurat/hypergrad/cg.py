@@ -10,15 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from ..validation import check_float, check_int
 from . import linalg
-from .base import (
-    Curvature,
-    HypergradMethod,
-    InnerObjective,
-    MixedMode,
-    check_positive_float,
-    check_positive_int,
-)
+from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
 from .linalg import TensorList
 
 
@@ -55,9 +49,9 @@ class CG(HypergradMethod):
     fd_eps: float = 0.01
 
     def __post_init__(self) -> None:
-        check_positive_int("CG", "iterations", self.iterations)
-        check_positive_float("CG", "damping", self.damping, allow_zero=True)
-        check_positive_float("CG", "tol", self.tol, allow_none=True)
+        check_int("CG", "iterations", self.iterations, 1)
+        check_float("CG", "damping", self.damping)
+        check_float("CG", "tol", self.tol, strict=True, allow_none=True)
         self._check_mixed()
 
     def _operator(self, curvature: Curvature, p: TensorList) -> TensorList:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from ..validation import check_float
 from . import linalg
-from .base import Curvature, HypergradMethod, InnerObjective, MixedMode, check_positive_float
+from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
 from .linalg import TensorList
 
 
@@ -42,7 +43,7 @@ class Darts(HypergradMethod):
     fd_eps: float = 0.01
 
     def __post_init__(self) -> None:
-        check_positive_float("Darts", "scale", self.scale)
+        check_float("Darts", "scale", self.scale, strict=True)
         self._check_mixed()
 
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:

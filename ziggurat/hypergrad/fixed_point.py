@@ -10,15 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from ..validation import check_bool, check_float, check_int
 from . import linalg
-from .base import (
-    Curvature,
-    HypergradMethod,
-    InnerObjective,
-    MixedMode,
-    check_positive_float,
-    check_positive_int,
-)
+from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
 from .linalg import TensorList
 from .richardson import richardson, step_size
 
@@ -56,10 +50,11 @@ class FixedPoint(HypergradMethod):
     fd_eps: float = 0.01
 
     def __post_init__(self) -> None:
-        check_positive_int("FixedPoint", "iterations", self.iterations)
-        check_positive_float("FixedPoint", "alpha", self.alpha, allow_none=True)
-        check_positive_int("FixedPoint", "power_iterations", self.power_iterations)
-        check_positive_int("FixedPoint", "alpha_refresh", self.alpha_refresh)
+        check_int("FixedPoint", "iterations", self.iterations, 1)
+        check_bool("FixedPoint", "warm_start", self.warm_start)
+        check_float("FixedPoint", "alpha", self.alpha, strict=True, allow_none=True)
+        check_int("FixedPoint", "power_iterations", self.power_iterations, 1)
+        check_int("FixedPoint", "alpha_refresh", self.alpha_refresh, 1)
         self._check_mixed()
 
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:

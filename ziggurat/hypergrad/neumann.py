@@ -10,14 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .base import (
-    Curvature,
-    HypergradMethod,
-    InnerObjective,
-    MixedMode,
-    check_positive_float,
-    check_positive_int,
-)
+from ..validation import check_float, check_int
+from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
 from .linalg import TensorList
 from .richardson import richardson, step_size
 
@@ -54,10 +48,10 @@ class Neumann(HypergradMethod):
     fd_eps: float = 0.01
 
     def __post_init__(self) -> None:
-        check_positive_int("Neumann", "iterations", self.iterations, minimum=0)
-        check_positive_float("Neumann", "alpha", self.alpha, allow_none=True)
-        check_positive_int("Neumann", "power_iterations", self.power_iterations)
-        check_positive_int("Neumann", "alpha_refresh", self.alpha_refresh)
+        check_int("Neumann", "iterations", self.iterations, 0)
+        check_float("Neumann", "alpha", self.alpha, strict=True, allow_none=True)
+        check_int("Neumann", "power_iterations", self.power_iterations, 1)
+        check_int("Neumann", "alpha_refresh", self.alpha_refresh, 1)
         self._check_mixed()
 
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
