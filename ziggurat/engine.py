@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .config import EngineConfig
-from .errors import ConfigError, ZigguratError
+from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
 from .problem import Problem
 
@@ -60,7 +60,9 @@ class Engine:
         """(Re)wire the program; step counters of the schedule start afresh."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
         reserved = {attr for p in self.problems for attr in dir(p)} | set(dir(self)) | {"graph"}
-        self.graph: ProgramGraph = build_graph(self.problems, dependencies, reserved)
+        graph = build_graph(self.problems, dependencies, reserved)
+        _check_levels(self.problems, graph)
+        self.graph: ProgramGraph = graph
         self._by_name = {p.name: p for p in self.problems}
         for p in self.problems:
             p.attach(self.graph, self._by_name)
@@ -170,3 +172,26 @@ class Engine:
                     continue
             parts.append(text)
         print("  ".join(parts), flush=True)
+
+
+def _check_levels(problems: Sequence[Problem], graph: ProgramGraph) -> None:
+    """No parameter is trained by two problems; every problem below another can pass
+    hypergradients up."""
+    owner: dict[int, str] = {}
+    for p in problems:
+        for t in p.trainable_parameters():
+            other = owner.setdefault(id(t), p.name)
+            if other != p.name:
+                raise GraphError(
+                    f"problems '{other}' and '{p.name}' train the same parameter tensor (shape "
+                    f"{tuple(t.shape)}); each level must own its parameters. Give one of them "
+                    f"its own copy, or freeze it there (requires_grad=False)."
+                )
+    for p in problems:
+        if graph.parents[p.name] and type(p).best_response_vjp is Problem.best_response_vjp:
+            raise GraphError(
+                f"problem '{p.name}' lies below {list(graph.parents[p.name])} but is a plain "
+                f"{type(p).__name__}, which cannot pass hypergradients up; make it a "
+                f"zg.ImplicitProblem."
+            )
+

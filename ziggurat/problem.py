@@ -8,7 +8,7 @@ each problem steps; a problem never steps another.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -337,7 +337,7 @@ class Problem:
             for i in range(len(path) - 1, 0, -1):
                 lower = self._others[path[i]]
                 upper = self if i == 1 else self._others[path[i - 1]]
-                vec = lower.best_response_vjp(vec, upper)
+                vec = lower.best_response_vjp(vec, upper, key=path)
             torch._foreach_add_(hyper, vec)
         self._hypergrad_norm = linalg.norm(hyper)  # kept as a tensor: no host sync here
         if self.config.check_finite and not linalg.all_finite(hyper):
@@ -351,8 +351,13 @@ class Problem:
         torch._foreach_add_(grads, hyper)
         return grads
 
-    def best_response_vjp(self, v: list[Tensor], upper: Problem) -> list[Tensor]:
-        """(dθ*_self/dθ_upper)ᵀ v: the vector carried one edge up a hypergradient path."""
+    def best_response_vjp(
+        self, v: list[Tensor], upper: Problem, key: Hashable = None
+    ) -> list[Tensor]:
+        """(dθ*_self/dθ_upper)ᵀ v: the vector carried one edge up a hypergradient path.
+
+        ``key`` names the request (the path being carried) for per-request method state.
+        """
         raise NotImplementedError(
             f"{type(self).__name__} cannot pass hypergradients to upper problems; use "
             f"zg.ImplicitProblem for problem '{self.name}'."
@@ -366,7 +371,7 @@ class ImplicitProblem(Problem):
     parameters and its most recent batch (``cur_batch``).
     """
 
-    def objective(self, upper: Problem) -> InnerObjective:
+    def objective(self, upper: Problem, key: Hashable = None) -> InnerObjective:
         """This problem's loss as a function of (θ_self, θ_upper), for the methods."""
         if self.count == 0:
             raise HypergradientError(
@@ -383,10 +388,21 @@ class ImplicitProblem(Problem):
             state=self.method_state,
             name=self.name,
             upper_name=upper.name,
+            key=key,
         )
 
-    def best_response_vjp(self, v: list[Tensor], upper: Problem) -> list[Tensor]:
-        return self.config.method(self.objective(upper), v)
+    def best_response_vjp(
+        self, v: list[Tensor], upper: Problem, key: Hashable = None
+    ) -> list[Tensor]:
+        # the method re-evaluates training_step: keep buffers (BatchNorm statistics) as they were
+        buffers = list(self.module.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        try:
+            return self.config.method(self.objective(upper, key), v)
+        finally:
+            with torch.no_grad():
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
 
     def before_optimizer_step(self, params: list[Tensor]) -> None:
         if self._graph is not None and self._graph.parents[self.name]:

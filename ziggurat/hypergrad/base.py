@@ -12,9 +12,11 @@ computed exactly (double backward) or by a central finite difference of ∇_λ L
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +44,8 @@ class InnerObjective:
         optimizer: the lower problem's optimizer, for methods that use its update (SAMA).
         state: per-problem scratch space that methods may keep between calls.
         name / upper_name: used in error messages.
+        key: identifies the request (which upper problem, which path) for methods that
+            keep per-request state, such as FixedPoint's warm start.
     """
 
     params: Sequence[Tensor]
@@ -51,6 +55,35 @@ class InnerObjective:
     state: dict[str, Any] = field(default_factory=dict)
     name: str = "inner"
     upper_name: str = "upper"
+    key: Hashable = None
+
+
+_NOT_COUPLED = (
+    "{what} of problem '{name}' does not depend on the parameters of '{upper}', so its "
+    "hypergradient would be silently zero. Check that '{name}'.training_step uses '{upper}' "
+    "without detaching it, or remove the dependency between them."
+)
+
+
+@contextmanager
+def fixed_randomness(tensors: Sequence[Tensor]) -> Iterator[Callable[[], None]]:
+    """Yield ``replay()``, which resets the RNGs to their state at entry; leave them as found.
+
+    Every loss evaluation of one hypergradient call replays the same random numbers (the
+    same dropout masks on both sides of a finite difference), and the call consumes none of
+    the program's random stream.
+    """
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        cpu = torch.get_rng_state()
+        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def replay() -> None:
+            torch.set_rng_state(cpu)
+            for d, s in zip(devices, cuda):
+                torch.cuda.set_rng_state(s, d)
+
+        yield replay
 
 
 class Curvature:
@@ -69,8 +102,10 @@ class Curvature:
         if self._grad is None:
             loss = self.objective.loss()
             params = list(self.objective.params)
-            self._grad = torch.autograd.grad(
-                loss, params, create_graph=True, allow_unused=True, materialize_grads=True
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            # unused θ_i: a zero that carries no graph (so H has a zero row and column there)
+            self._grad = tuple(
+                torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)
             )
         return self._grad
 
@@ -100,12 +135,8 @@ class Curvature:
         out = self._product(obj.upper_params, x, retain=False)
         self._grad = None
         if all(o is None for o in out):
-            raise HypergradientError(
-                f"∇_θ L of problem '{obj.name}' does not depend on the parameters of "
-                f"'{obj.upper_name}', so its hypergradient would be silently zero. Check that "
-                f"'{obj.name}'.training_step uses '{obj.upper_name}' without detaching it, or "
-                f"remove the dependency between them."
-            )
+            raise HypergradientError(_NOT_COUPLED.format(
+                what="∇_θ L", name=obj.name, upper=obj.upper_name))
         return [
             torch.zeros_like(p) if o is None else o.detach()
             for o, p in zip(out, obj.upper_params)
@@ -117,12 +148,8 @@ def upper_gradient(objective: InnerObjective) -> list[Tensor | None]:
     loss = objective.loss()
     grads = torch.autograd.grad(loss, list(objective.upper_params), allow_unused=True)
     if all(g is None for g in grads):
-        raise HypergradientError(
-            f"the loss of problem '{objective.name}' does not depend on the parameters of "
-            f"'{objective.upper_name}', so its hypergradient would be silently zero. Check "
-            f"that '{objective.name}'.training_step uses '{objective.upper_name}' without "
-            f"detaching it, or remove the dependency between them."
-        )
+        raise HypergradientError(_NOT_COUPLED.format(
+            what="the loss", name=objective.name, upper=objective.upper_name))
     return list(grads)
 
 
@@ -132,7 +159,9 @@ def mixed_finite_difference(
     """∂²_{λθ} L_in · x ≈ [∇_λ L_in(θ + εx) − ∇_λ L_in(θ − εx)] / (2ε), ε = eps_scale/‖x‖.
 
     θ is perturbed in place and restored by the opposite additions (+εx, −2εx, +εx), so no
-    copy of θ is made. Exact (up to rounding) when ∇_λ L_in is quadratic in θ.
+    copy of θ is made; θ is restored (up to rounding) even when an evaluation raises. Exact
+    (up to rounding) when ∇_λ L_in is quadratic in θ. (Unlike exact mode, a λ that enters
+    L_in only additively is not detected here: its difference is simply zero.)
     """
     params = list(objective.params)
     x = list(x)
@@ -145,16 +174,21 @@ def mixed_finite_difference(
             f"finite (norm {x_norm}); the upper loss or a lower level produced NaN/Inf."
         )
     eps = eps_scale / x_norm
-    with torch.no_grad():
-        torch._foreach_add_(params, x, alpha=eps)
-    try:
-        plus = upper_gradient(objective)
+    shifted = 0  # multiples of εx currently added to θ
+
+    def shift_to(target: int) -> None:
+        nonlocal shifted
         with torch.no_grad():
-            torch._foreach_add_(params, x, alpha=-2.0 * eps)
+            torch._foreach_add_(params, x, alpha=(target - shifted) * eps)
+        shifted = target
+
+    try:
+        shift_to(1)
+        plus = upper_gradient(objective)
+        shift_to(-1)
         minus = upper_gradient(objective)
     finally:
-        with torch.no_grad():
-            torch._foreach_add_(params, x, alpha=eps)
+        shift_to(0)
     out: TensorList = []
     for gp, gm, lam in zip(plus, minus, objective.upper_params):
         if gp is None or gm is None:
@@ -172,6 +206,8 @@ class HypergradMethod(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: True for methods that multiply by H: they build ∇_θ L_in with its graph before solving
+    uses_hessian: ClassVar[bool] = True
     #: mixed-product mode used when ``mixed="auto"``: "exact" for methods that build the
     #: Hessian graph anyway (the product is then one more backward), "fd" otherwise.
     default_mixed: ClassVar[Literal["exact", "fd"]] = "exact"
@@ -202,11 +238,26 @@ class HypergradMethod(ABC):
                 f"but problem '{objective.name}' has parameters of shapes "
                 f"{[tuple(p.shape) for p in params]}."
             )
-        curvature = Curvature(objective)
-        x = self.solve(objective, [t.detach() for t in v], curvature)
-        mode = self.default_mixed if self.mixed == "auto" else self.mixed
-        if mode == "exact":
-            product = curvature.mixed(x)
-        else:
-            product = mixed_finite_difference(objective, x, self.fd_eps)
+        with fixed_randomness(params) as replay:
+            loss = objective.loss
+
+            def replayed_loss() -> Tensor:
+                replay()
+                return loss()
+
+            objective = dataclasses.replace(objective, loss=replayed_loss)
+            curvature = Curvature(objective)
+            vec = [t.detach() for t in v]
+            if self.uses_hessian:
+                # θ_i that L_in's gradient does not depend on has a zero row and column in H:
+                # its best response does not move with λ, so its part of v contributes nothing
+                # (and would make the solve singular).
+                vec = [vi if g.requires_grad else torch.zeros_like(vi)
+                       for vi, g in zip(vec, curvature.gradient())]
+            x = self.solve(objective, vec, curvature)
+            mode = self.default_mixed if self.mixed == "auto" else self.mixed
+            if mode == "exact":
+                product = curvature.mixed(x)
+            else:
+                product = mixed_finite_difference(objective, x, self.fd_eps)
         return [p.neg_() for p in product]

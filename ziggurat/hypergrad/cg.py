@@ -3,12 +3,21 @@
 Textbook CG (Hestenes & Stiefel) on tensor lists, one Hessian-vector product per
 iteration, no host synchronisation unless ``tol`` is set. Converges for H + δI positive
 definite; H must be symmetric (true for a Hessian).
+
+Breakdown guard (as in Steihaug's truncated CG): the iteration stops moving at the first
+search direction p whose curvature pᵀ(H + δI)p / pᵀp is not positive or is below
+100·eps(dtype) times the largest curvature seen. That happens when H is indefinite, or
+singular with v reaching its null space (the upper loss reads lower parameters that L_in
+does not use); the iterate then is the solution on the well-curved subspace instead of an
+overflowing one. No host sync: the stop is a mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
+
+import torch
 
 from ..validation import check_float, check_int
 from . import linalg
@@ -66,11 +75,18 @@ class CG(HypergradMethod):
         p = linalg.clone(v)
         rr = linalg.dot(r, r)
         stop = None if self.tol is None else (self.tol * linalg.norm(v)) ** 2
+        tiny = 100.0 * torch.finfo(rr.dtype).eps
+        active = torch.ones((), dtype=torch.bool, device=rr.device)
+        top_curvature = torch.zeros_like(rr)
         for _ in range(self.iterations):
             if stop is not None and bool(rr <= stop):
                 break
             ap = self._operator(curvature, p)
-            step = linalg.safe_div(rr, linalg.dot(p, ap))
+            pap = linalg.dot(p, ap)
+            direction_curvature = linalg.safe_div(pap, linalg.dot(p, p))
+            top_curvature = torch.maximum(top_curvature, direction_curvature)
+            active = active & (pap > 0) & (direction_curvature > tiny * top_curvature)
+            step = torch.where(active, linalg.safe_div(rr, pap), torch.zeros_like(rr))
             linalg.axpy_(step, p, x)
             linalg.axpy_(-step, ap, r)
             rr_new = linalg.dot(r, r)

@@ -37,6 +37,7 @@ class Darts(HypergradMethod):
 
     name: ClassVar[str] = "darts"
     default_mixed: ClassVar[Literal["exact", "fd"]] = "fd"
+    uses_hessian: ClassVar[bool] = False
 
     scale: float = 1.0
     mixed: MixedMode = "auto"

@@ -24,8 +24,9 @@ class FixedPoint(HypergradMethod):
     Args:
         iterations: Hessian-vector products per call.
         alpha: step α; None picks 1/λ̂_max(H) by power iteration (see ``Neumann``).
-        warm_start: start from the previous call's solution instead of αv. From a cold
-            start this method equals ``Neumann`` with the same settings.
+        warm_start: start from the previous solution for the same request (the same
+            upper problem and path, ``InnerObjective.key``) instead of αv. From a cold start
+            this method equals ``Neumann`` with the same settings.
         power_iterations, alpha_refresh: as for ``Neumann``.
         mixed, fd_eps: how the mixed product is computed ("exact" by default).
 
@@ -62,10 +63,12 @@ class FixedPoint(HypergradMethod):
             objective, curvature, self.alpha, self.power_iterations, self.alpha_refresh,
             key="fixed_point",
         )
-        previous = objective.state.get("fixed_point_solution") if self.warm_start else None
+        # one warm start per request key (upper problem and path): each solves its own v
+        solutions = objective.state.setdefault("fixed_point_solutions", {})
+        previous = solutions.get(objective.key) if self.warm_start else None
         if previous is not None and any(a.shape != b.shape for a, b in zip(previous, v)):
             previous = None
         y = richardson(curvature, v, alpha, self.iterations, start=previous)
         if self.warm_start:
-            objective.state["fixed_point_solution"] = linalg.clone(y)
+            solutions[objective.key] = linalg.clone(y)
         return y

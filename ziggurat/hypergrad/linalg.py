@@ -73,22 +73,20 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 def power_iteration(
     matvec: Callable[[TensorList], TensorList],
-    like: Sequence[Tensor],
+    start: Sequence[Tensor],
     iterations: int,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+) -> tuple[Tensor, TensorList]:
     """Estimate the largest eigenvalue of a symmetric PSD operator by power iteration.
 
-    Returns the Rayleigh quotient <x, Ax>/<x, x> after ``iterations`` steps from a random
-    start; it approaches λ_max from below.
+    Returns the Rayleigh quotient <x, Ax>/<x, x> after ``iterations`` steps from ``start``
+    (it approaches λ_max from below) and the last iterate, to restart from later.
     """
-    x = [torch.randn(t.shape, dtype=t.dtype, device="cpu", generator=generator).to(t.device)
-         for t in like]
-    estimate = torch.zeros((), dtype=like[0].dtype, device=like[0].device)
+    x = list(start)
+    estimate = torch.zeros((), dtype=x[0].dtype, device=x[0].device)
     for _ in range(iterations):
         nx = norm(x)
         x = scale(safe_div(torch.ones_like(nx), nx), x)
         ax = matvec(x)
         estimate = dot(x, ax)
         x = ax
-    return estimate
+    return estimate, x

@@ -24,8 +24,8 @@ class Neumann(HypergradMethod):
         iterations: K, the number of Hessian-vector products (terms after the first).
         alpha: series step α; None estimates λ_max(H) by power iteration and uses 1/λ̂.
         power_iterations: power-iteration steps per estimate of λ_max.
-        alpha_refresh: re-estimate λ_max every this many calls (the eigenvector is kept, so
-            refreshes start warm).
+        alpha_refresh: re-estimate λ_max every this many calls (from the last power
+            iterate, so the estimate sharpens over the run).
         mixed, fd_eps: how the mixed product is computed ("exact" by default).
 
     Example:

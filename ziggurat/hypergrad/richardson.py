@@ -28,16 +28,25 @@ def step_size(
 ) -> float | Tensor:
     """α as given, or 1/λ̂_max(H) from power iteration, re-estimated every ``refresh`` calls.
 
-    1/λ̂ keeps a safety margin of 2 below the divergence bound 2/λ_max. The estimate and its
-    eigenvector are kept in ``objective.state`` under ``key`` so refreshes start warm.
+    With an accurate estimate, 1/λ̂ is half the divergence bound 2/λ_max; the Rayleigh
+    quotient approaches λ_max from below, so a poor estimate (few power iterations, a
+    cluster of eigenvalues near λ_max) can shrink that margin. The estimate and the last
+    power iterate are kept in ``objective.state`` under ``key``: refreshes restart from the
+    iterate, so the estimate sharpens over the run. The first start is a fixed-seed random
+    vector (the program's random stream is not used).
     """
     if alpha is not None:
         return alpha
     state: dict[str, Any] = objective.state.setdefault(key, {"calls": 0})
     if "alpha" not in state or state["calls"] % refresh == 0:
-        like = list(objective.params)
-        generator = torch.Generator().manual_seed(0)
-        estimate = linalg.power_iteration(curvature.hvp, like, power_iterations, generator)
+        start = state.get("vector")
+        params = list(objective.params)
+        if start is None or any(a.shape != p.shape for a, p in zip(start, params)):
+            generator = torch.Generator().manual_seed(0)
+            start = [torch.randn(p.shape, dtype=p.dtype, generator=generator).to(p.device)
+                     for p in params]
+        estimate, state["vector"] = linalg.power_iteration(curvature.hvp, start,
+                                                           power_iterations)
         lam = float(estimate)
         if not lam > 0.0 or lam != lam or lam == float("inf"):
             raise HypergradientError(

@@ -14,8 +14,10 @@ with (effective) gradient g:
   momentum. Weight decay adds to g but not to ∂u/∂g.
 * Adam / AdamW, u = η m̂ / (√v̂ + ε), m̂ = m_t/(1−β₁ᵗ), v̂ = v_t/(1−β₂ᵗ):
   P = η [ (1−β₁)/(1−β₁ᵗ) · (√v̂ + ε) − m̂ · (1−β₂) g / ((1−β₂ᵗ) √v̂) ] / (√v̂ + ε)²,
-  with g the gradient after Adam's L2 weight decay (AdamW decays θ directly); with amsgrad
-  the second term is kept only where v_t is the running maximum.
+  with g the gradient after Adam's L2 weight decay (AdamW decays θ directly), and η, β, ε
+  as used by that step (recorded before a scheduler changes them); with amsgrad the second
+  term is kept only where v_t is the running maximum; P = 0 where v_t = 0 (a coordinate
+  L_in never moved).
 
 Any other optimizer raises an error (never a silent zero or a silent SGD fallback).
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -46,19 +48,13 @@ def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _kind(optimizer: torch.optim.Optimizer, name: str) -> str:
-    if type(optimizer) is torch.optim.SGD:
-        return "sgd"
-    if type(optimizer) is torch.optim.AdamW:
-        return "adamw"
-    if type(optimizer) is torch.optim.Adam:
-        decoupled = any(g.get("decoupled_weight_decay", False) for g in optimizer.param_groups)
-        return "adamw" if decoupled else "adam"
-    raise HypergradientError(
-        f"SAMA cannot use the optimizer of problem '{name}' ({type(optimizer).__name__}): it "
-        f"knows the update Jacobian of {SUPPORTED} only. Use one of those, or Darts / CG / "
-        f"Neumann for this problem."
-    )
+def _check_supported(optimizer: torch.optim.Optimizer, name: str) -> None:
+    if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        raise HypergradientError(
+            f"SAMA cannot use the optimizer of problem '{name}' ({type(optimizer).__name__}): "
+            f"it knows the update Jacobian of {SUPPORTED} only. Use one of those, or Darts / "
+            f"CG / Neumann for this problem."
+        )
 
 
 def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
@@ -76,25 +72,52 @@ def _sgd_coefficient(group: dict[str, Any], first_step: bool) -> float:
     return lr * (1.0 - damp)
 
 
-def adam_update_jacobian(
-    group: dict[str, Any], state: dict[str, Any], grad: Tensor
-) -> Tensor:
-    """∂u/∂g (elementwise) of the last Adam step, from its state after the step."""
+@dataclass(frozen=True)
+class AdamStep:
+    """What one Adam step's update Jacobian needs beyond the optimizer's state after it:
+    the hyperparameters it used (a scheduler may change them right after) and the
+    effective gradient (after L2 weight decay)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    amsgrad: bool
+    grad: Tensor
+
+
+def _adam_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> AdamStep:
+    grad = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+    wd = float(group.get("weight_decay", 0.0))
+    decoupled = type(optimizer) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
+    grad = grad.add(p.detach(), alpha=wd) if wd != 0.0 and not decoupled else grad.clone()
     beta1, beta2 = (float(b) for b in group["betas"])
-    lr, eps = float(group["lr"]), float(group["eps"])
-    step = float(state["step"])
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
+    return AdamStep(float(group["lr"]), beta1, beta2, float(group["eps"]),
+                    bool(group.get("amsgrad", False)), grad)
+
+
+def adam_update_jacobian(step: AdamStep, state: dict[str, Any]) -> Tensor:
+    """∂u/∂g (elementwise) of the last Adam step, from its state after the step.
+
+    Where the second moment is exactly zero (L_in has never moved that coordinate) the
+    result is 0, not Adam's degenerate lr(1−β₁)/((1−β₁ᵗ)ε) at g = 0, which would dwarf
+    every other entry of P v and drown them in the finite difference.
+    """
+    t = float(state["step"])
+    bc1 = 1.0 - step.beta1**t
+    bc2 = 1.0 - step.beta2**t
     m = state["exp_avg"]
-    second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+    second = state["max_exp_avg_sq"] if step.amsgrad else state["exp_avg_sq"]
     sqrt_vhat = second.sqrt() / bc2**0.5
-    denom = sqrt_vhat + eps
+    denom = sqrt_vhat + step.eps
     mhat = m / bc1
-    safe = torch.where(sqrt_vhat > 0, sqrt_vhat, torch.ones_like(sqrt_vhat))
-    dsqrt = torch.where(sqrt_vhat > 0, (1.0 - beta2) * grad / (bc2 * safe), torch.zeros_like(m))
-    if group.get("amsgrad", False):
+    seen = sqrt_vhat > 0
+    safe = torch.where(seen, sqrt_vhat, torch.ones_like(sqrt_vhat))
+    dsqrt = torch.where(seen, (1.0 - step.beta2) * step.grad / (bc2 * safe), torch.zeros_like(m))
+    if step.amsgrad:
         dsqrt = torch.where(state["max_exp_avg_sq"] == state["exp_avg_sq"], dsqrt, 0.0)
-    return lr * ((1.0 - beta1) / bc1 * denom - mhat * dsqrt) / denom**2
+    jac = step.lr * ((1.0 - step.beta1) / bc1 * denom - mhat * dsqrt) / denom**2
+    return torch.where(seen, jac, torch.zeros_like(jac))
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,7 @@ class SAMA(HypergradMethod):
 
     name: ClassVar[str] = "sama"
     default_mixed: ClassVar[Literal["exact", "fd"]] = "fd"
+    uses_hessian: ClassVar[bool] = False
 
     mixed: MixedMode = "auto"
     fd_eps: float = 0.01
@@ -121,32 +145,27 @@ class SAMA(HypergradMethod):
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
-        """Record what the update Jacobian needs: SGD's coefficients, Adam's gradient."""
+        """Record, per parameter, SGD's coefficient or the Adam step's inputs (by id)."""
         opt = _unwrap(optimizer)
-        kind = _kind(opt, state.get("problem_name", "inner"))
+        name = state.get("problem_name", "inner")
+        _check_supported(opt, name)
         groups = _group_of(opt)
-        record: list[float | Tensor | None] = []
+        record: dict[int, float | AdamStep] = {}
         for p in params:
             group = groups.get(id(p))
             if group is None or p.grad is None:
-                record.append(None)
                 continue
             if group.get("maximize", False):
                 raise HypergradientError(
                     f"SAMA does not support maximize=True in the optimizer of problem "
-                    f"'{state.get('problem_name', 'inner')}'; minimise the negated loss instead."
+                    f"'{name}'; minimise the negated loss instead."
                 )
-            if kind == "sgd":
+            if type(opt) is torch.optim.SGD:
                 buf = opt.state.get(p, {}).get("momentum_buffer")
-                record.append(_sgd_coefficient(group, first_step=buf is None))
+                record[id(p)] = _sgd_coefficient(group, first_step=buf is None)
             else:
-                grad = p.grad.detach()
-                wd = float(group.get("weight_decay", 0.0))
-                if kind == "adam" and wd != 0.0:
-                    record.append(grad.add(p.detach(), alpha=wd))
-                else:
-                    record.append(grad.clone())
-        state["sama"] = (kind, record)
+                record[id(p)] = _adam_step(opt, group, p)
+        state["sama"] = record
 
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         if objective.optimizer is None or "sama" not in objective.state:
@@ -155,15 +174,14 @@ class SAMA(HypergradMethod):
                 f"its steps taken through ziggurat before a hypergradient is asked for."
             )
         opt = _unwrap(objective.optimizer)
-        kind, record = objective.state["sama"]
-        groups = _group_of(opt)
+        record: dict[int, float | AdamStep] = objective.state["sama"]
         out: TensorList = []
-        for p, vi, rec in zip(objective.params, v, record):
+        for p, vi in zip(objective.params, v):
+            rec = record.get(id(p))
             if rec is None:
                 out.append(torch.zeros_like(vi))
-            elif kind == "sgd":
-                out.append(vi * float(rec))
+            elif isinstance(rec, AdamStep):
+                out.append(vi * adam_update_jacobian(rec, opt.state[p]))
             else:
-                jac = adam_update_jacobian(groups[id(p)], opt.state[p], cast(Tensor, rec))
-                out.append(vi * jac)
+                out.append(vi * rec)
         return out
