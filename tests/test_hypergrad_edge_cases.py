@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from ridge import DTYPE, make_ridge, rel_err
 
 import ziggurat as zg
-from ridge import DTYPE, make_ridge, rel_err
 
 
 class Vec(torch.nn.Module):
@@ -130,7 +130,8 @@ def _sama_two_level(scheduler: bool) -> torch.Tensor:
         def grad_callback(self, grads: list[torch.Tensor]) -> None:
             seen.append(grads[0].clone())
 
-    inner = zg.ImplicitProblem("inner", inner_m, opt, scheduler=sched, config=zg.Config(type="sama"),
+    inner = zg.ImplicitProblem("inner", inner_m, opt, scheduler=sched,
+                               config=zg.Config(type="sama"),
                                training_step=lambda p, b: r.inner_loss(p(), p.outer()))
     outer = Outer("outer", outer_m, torch.optim.SGD(outer_m.parameters(), lr=0.0))
     zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(train_iters=1)).run()
@@ -297,5 +298,5 @@ def test_plain_problem_below_another_is_rejected_at_construction() -> None:
                             training_step=lambda p, b: (p.low() ** 2).sum())
     low = zg.Problem("low", m2, torch.optim.SGD(m2.parameters(), lr=0.1),
                      training_step=lambda p, b: (p() * p.up()).sum())
-    with pytest.raises(zg.GraphError, match="'low' lies below .*'up'.*ImplicitProblem"):
+    with pytest.raises(zg.GraphError, match=r"'low' lies below .*'up'.*ImplicitProblem"):
         zg.Engine([up, low], zg.chain(up, low))
