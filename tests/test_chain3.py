@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Vec
 from ridge import DTYPE, rel_err
 
 import ziggurat as zg
@@ -27,13 +28,6 @@ def _spd(n: int, cond: float, g: torch.Generator) -> torch.Tensor:
     return q @ torch.diag(eig) @ q.T
 
 
-class Vec(torch.nn.Module):
-    def __init__(self, t: torch.Tensor) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(t.clone())
-
-    def forward(self) -> torch.Tensor:
-        return self.w
 
 
 METHODS: dict[str, Any] = {
@@ -71,7 +65,7 @@ def test_three_level_chain_total_derivative(middle: str, bottom: str, reads_midd
             return loss
 
         def grad_callback(self, grads: list[torch.Tensor]) -> None:
-            th3, th2, lam = m3.w.detach(), m2.w.detach(), m1.w.detach()
+            th3, th2, lam = m3.theta.detach(), m2.theta.detach(), m1.theta.detach()
             inner = torch.linalg.solve(a3.T, th3 - t)
             total = mu * lam + b2.T @ torch.linalg.solve(a2.T, c * (th2 - s) + b3.T @ inner)
             received.append(grads[0].detach().clone())
@@ -124,7 +118,7 @@ def test_three_level_middle_hypergradient_uses_bottom_method() -> None:
             ).sum()
 
         def grad_callback(self, grads: list[torch.Tensor]) -> None:
-            th2, th3, lam = m2.w.detach(), m3.w.detach(), m1.w.detach()
+            th2, th3, lam = m2.theta.detach(), m3.theta.detach(), m1.theta.detach()
             direct = 2 * (lam**2).sum() * th2
             got.append(grads[0].detach().clone())
             want.append(direct + b3.T @ torch.linalg.solve(a3.T, th3 - t))

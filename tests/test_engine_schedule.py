@@ -12,19 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Vec
 
 import ziggurat as zg
 
 DTYPE = torch.float64
 
 
-class Vec(torch.nn.Module):
-    def __init__(self, values: list[float]) -> None:
-        super().__init__()
-        self.theta = torch.nn.Parameter(torch.tensor(values, dtype=DTYPE))
-
-    def forward(self) -> torch.Tensor:
-        return self.theta
 
 
 class Quad(zg.ImplicitProblem):

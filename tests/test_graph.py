@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import Vec
 
 import ziggurat as zg
 
 DTYPE = torch.float64
 
 
-class Vec(torch.nn.Module):
-    """A module holding one float64 parameter vector θ; calling it returns θ."""
-
-    def __init__(self, values: list[float]) -> None:
-        super().__init__()
-        self.theta = torch.nn.Parameter(torch.tensor(values, dtype=DTYPE))
-
-    def forward(self) -> torch.Tensor:
-        return self.theta
 
 
 class Node:

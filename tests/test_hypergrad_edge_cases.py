@@ -9,18 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Vec
 from ridge import DTYPE, make_ridge, rel_err
 
 import ziggurat as zg
-
-
-class Vec(torch.nn.Module):
-    def __init__(self, t: torch.Tensor) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(t.clone())
-
-    def forward(self) -> torch.Tensor:
-        return self.w
 
 
 # --------------------------------------------------------------------------- singular H
@@ -251,7 +243,7 @@ def test_two_uppers_reading_one_lower_get_their_own_exact_hypergradients() -> No
     )
     zg.Engine([a, b, inner], {"u2l": {a: [inner], b: [inner]}, "l2u": {inner: [a, b]}},
               zg.EngineConfig(train_iters=4)).run()
-    th = inner_m.w.detach()
+    th = inner_m.theta.detach()
     h_inv_v = {}
     for name in ("a", "b"):
         v = r.Xv.T @ (r.Xv @ th - targets[name]) / r.Xv.shape[0]

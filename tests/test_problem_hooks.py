@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import Vec
 from torch.utils.data import DataLoader, TensorDataset
 
 import ziggurat as zg
@@ -14,13 +15,6 @@ import ziggurat as zg
 DTYPE = torch.float64
 
 
-class Vec(torch.nn.Module):
-    def __init__(self, values: list[float]) -> None:
-        super().__init__()
-        self.theta = torch.nn.Parameter(torch.tensor(values, dtype=DTYPE))
-
-    def forward(self) -> torch.Tensor:
-        return self.theta
 
 
 def half_sq(p: zg.Problem, batch: Any) -> torch.Tensor:
