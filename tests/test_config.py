@@ -70,7 +70,14 @@ def test_config_scalar_fields(field: str, value: object, allowed: str) -> None:
     expect_config_error(lambda: zg.Config(**{field: value}), "Config", field, value, allowed)
 
 
-@pytest.mark.parametrize("value", ["bogus", "CG", "", 3, None, zg.CG])
+def test_config_type_none_means_the_problem_default() -> None:
+    assert zg.Config().method is None
+    m = torch.nn.Linear(1, 1)
+    problem = zg.ImplicitProblem("p", m, torch.optim.SGD(m.parameters(), lr=0.1))
+    assert problem.method == zg.Darts()
+
+
+@pytest.mark.parametrize("value", ["bogus", "CG", "", 3, zg.CG])
 def test_config_unknown_type(value: object) -> None:
     expect_config_error(
         lambda: zg.Config(type=value),
@@ -148,7 +155,7 @@ def test_bad_shorthand_value_names_the_shorthand(
 @pytest.mark.parametrize(
     ("config", "method"),
     [
-        (zg.Config(), zg.Darts()),
+        (zg.Config(type="darts"), zg.Darts()),
         (zg.Config(type="cg", cg_iterations=20), zg.CG(iterations=20)),
         (zg.Config(type="cg", cg_iterations=7, cg_damping=1e-3), zg.CG(iterations=7, damping=1e-3)),
         (
@@ -494,7 +501,10 @@ def _build_config(field: str, value: object, type_: str) -> None:
         _check_error_names(err, "Config", field)
     else:
         assert getattr(config, field) is value
-        assert isinstance(config.method, zg.HypergradMethod)
+        # type=None defers to the problem class's default method
+        assert config.method is None if config.type is None else isinstance(
+            config.method, zg.HypergradMethod
+        )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import hypergrad as _hypergrad  # noqa: F401  (registers the implicit methods)
 from .errors import ConfigError
-from .hypergrad import REGISTRY, HypergradMethod, resolve
+from .registry import REGISTRY, Method, resolve
 from .validation import check_bool, check_float, check_int
 
 # Betty-style shorthand fields: (field name, methods it applies to, setting of the method).
@@ -31,8 +32,11 @@ class Config:
 
     Args:
         type: how the hypergradient *through this problem* is computed when an upper
-            problem needs it: a name ("darts", "sama", "cg", "neumann", "fixed_point") or a
-            method object (``zg.CG(iterations=20, damping=1e-3)``).
+            problem needs it: a name ("darts", "sama", "cg", "neumann", "fixed_point" for an
+            ImplicitProblem; "reverse", "forward", "es" for an IterativeProblem) or a method
+            object (``zg.CG(iterations=20, damping=1e-3)``). None (default): the problem
+            class's default, Darts for ImplicitProblem and reverse mode for
+            IterativeProblem.
         unroll_steps: this problem's steps between two steps of its upper problems.
         roll_back: restore this problem's parameters, buffers and optimizer state to where
             they were before the unroll once its upper problems have stepped (look-ahead
@@ -53,7 +57,7 @@ class Config:
         CG(iterations=20, damping=0.0, tol=None, mixed='auto', fd_eps=0.01)
     """
 
-    type: str | HypergradMethod = "darts"
+    type: str | Method | None = None
     unroll_steps: int = 1
     roll_back: bool = False
     warmup_steps: int = 0
@@ -65,20 +69,20 @@ class Config:
     fixed_point_iterations: int | None = None
     fixed_point_alpha: float | None = None
     darts_alpha: float | None = None
-    method: HypergradMethod = field(init=False, repr=False, compare=False)
+    method: Method | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_int("Config", "unroll_steps", self.unroll_steps, 1)
         check_int("Config", "warmup_steps", self.warmup_steps, 0)
         check_bool("Config", "roll_back", self.roll_back)
         check_bool("Config", "check_finite", self.check_finite)
-        name = self.type.name if isinstance(self.type, HypergradMethod) else self.type
+        name = self.type.name if isinstance(self.type, Method) else self.type
         settings: dict[str, Any] = {}
         for short, methods, setting in _SHORTHANDS:
             value = getattr(self, short)
             if value is None:
                 continue
-            if isinstance(self.type, HypergradMethod) or name not in methods:
+            if isinstance(self.type, Method) or name not in methods:
                 raise ConfigError(
                     "Config", short, value,
                     f"only with type in {list(methods)} given by name (type is {self.type!r}); "
@@ -86,6 +90,9 @@ class Config:
                     f"zg.{_class_name(methods[0])}({setting}={value!r})",
                 )
             settings[setting] = value
+        if self.type is None:
+            object.__setattr__(self, "method", None)
+            return
         try:
             method = resolve(self.type, "Config", **settings)
         except ConfigError as err:

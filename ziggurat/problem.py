@@ -17,7 +17,8 @@ from torch import Tensor
 from .config import Config
 from .data import BatchStream
 from .errors import ConfigError, HypergradientError, ZigguratError
-from .hypergrad import InnerObjective, linalg
+from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
+from .registry import Family, Method
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class Problem:
             raise ConfigError(name, "config", type(config).__name__, "a zg.Config")
         self._name = name
         self.config: Config = config if config is not None else Config()
+        self.method: Method = self._resolve_method()
         self.module: torch.nn.Module = module  # type: ignore[assignment]
         self.optimizer: torch.optim.Optimizer = optimizer  # type: ignore[assignment]
         self.scheduler = scheduler
@@ -80,6 +82,23 @@ class Problem:
         self._stream: BatchStream | None = None
         self._snapshot: Snapshot | None = None
         self._initialized = False
+
+    #: which family of methods this kind of problem uses (see ``zg.registry``)
+    method_family: Family = "implicit"
+
+    def default_method(self) -> Method:
+        """The method used when ``config.type`` is None."""
+        return Darts()
+
+    def _resolve_method(self) -> Method:
+        method = self.config.method if self.config.method is not None else self.default_method()
+        if method.family != self.method_family:
+            raise ConfigError(
+                self._name, "config.type", self.config.type,
+                f"a {self.method_family} method for a {type(self).__name__} ({method.name!r} "
+                f"is a {method.family} method); change the type or the problem class",
+            )
+        return method
 
     # ----------------------------------------------------------------- identity and access
     @property
@@ -101,7 +120,7 @@ class Problem:
         return self.module(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self._name!r}, type={self.config.method.name!r})"
+        return f"{type(self).__name__}(name={self._name!r}, type={self.method.name!r})"
 
     @property
     def last_hypergrad_norm(self) -> float | None:
@@ -145,6 +164,11 @@ class Problem:
     def parameters(self) -> list[Tensor]:
         """All of the module's parameters."""
         return list(self.module.parameters())
+
+    def read_parameters(self) -> list[Tensor]:
+        """The tensors other problems differentiate with respect to when they read this one
+        (its trainable parameters; an IterativeProblem substitutes its unrolled values)."""
+        return self.trainable_parameters()
 
     # ----------------------------------------------------------------- user hooks
     def training_step(self, batch: Any) -> Any:
@@ -254,7 +278,20 @@ class Problem:
         self.cur_batch = batch
         loss = self._loss_of(self.training_step(batch), record=True)
         params = self.trainable_parameters()
-        grads = self._gradients(loss, params)
+        grads = self._final_gradients(self._gradients(loss, params), params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.before_optimizer_step(params)
+        self.custom_optimizer_step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.param_callback(params)
+        for p in params:
+            p.grad = None
+        self.count += 1
+
+    def _final_gradients(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        """Apply ``grad_callback`` (checking what it returns)."""
         replaced = self.grad_callback(grads)
         if replaced is not None:
             grads = list(replaced)
@@ -267,16 +304,7 @@ class Problem:
                     f"{[tuple(p.shape) for p in params]}; return one gradient per trainable "
                     f"parameter (or None to keep them)."
                 )
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.before_optimizer_step(params)
-        self.custom_optimizer_step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.param_callback(params)
-        for p in params:
-            p.grad = None
-        self.count += 1
+        return grads
 
     def before_optimizer_step(self, params: list[Tensor]) -> None:
         """Called with gradients in place, just before the optimizer steps."""
@@ -306,15 +334,25 @@ class Problem:
             self.last_loss = loss.detach()
         return loss.reshape(())
 
-    def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor]:
-        """∂L/∂θ_self plus, for each hypergradient path, the carried-back vector."""
+    def _gradients(
+        self, loss: Tensor, params: list[Tensor], create_graph: bool = False
+    ) -> list[Tensor]:
+        """∂L/∂θ_self plus, for each hypergradient path, the carried-back vector.
+
+        With ``create_graph`` the direct part keeps its graph (unrolled problems); the
+        hypergradient part is always a constant.
+        """
         graph = self._graph_or_error()
         read = list(graph.reads[self.name])
-        read_params = [self._others[c].trainable_parameters() for c in read]
+        read_params = [self._others[c].read_parameters() for c in read]
         inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
             return []
-        raw = torch.autograd.grad(loss, inputs, allow_unused=True)
+        raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+        if create_graph:
+            raw = raw[:len(params)] + tuple(
+                None if g is None else g.detach() for g in raw[len(params):]
+            )
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
         if not read:
             return grads
@@ -382,7 +420,7 @@ class ImplicitProblem(Problem):
         batch = self.cur_batch
         return InnerObjective(
             params=self.trainable_parameters(),
-            upper_params=upper.trainable_parameters(),
+            upper_params=upper.read_parameters(),
             loss=lambda: self._loss_of(self.training_step(batch)),
             optimizer=self.optimizer,
             state=self.method_state,
@@ -397,13 +435,19 @@ class ImplicitProblem(Problem):
         # the method re-evaluates training_step: keep buffers (BatchNorm statistics) as they were
         buffers = list(self.module.buffers())
         saved = [b.detach().clone() for b in buffers]
+        method = self.method
+        if not isinstance(method, HypergradMethod):  # guarded at construction
+            raise ConfigError(self.name, "config.type", method, "an implicit method")
         try:
-            return self.config.method(self.objective(upper, key), v)
+            return method(self.objective(upper, key), v)
         finally:
             with torch.no_grad():
                 for b, s in zip(buffers, saved):
                     b.copy_(s)
 
     def before_optimizer_step(self, params: list[Tensor]) -> None:
-        if self._graph is not None and self._graph.parents[self.name]:
-            self.config.method.before_optimizer_step(self.optimizer, params, self.method_state)
+        method = self.method
+        if isinstance(method, HypergradMethod) and self._graph is not None and (
+            self._graph.parents[self.name]
+        ):
+            method.before_optimizer_step(self.optimizer, params, self.method_state)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, HypergradientError
+from ..registry import Family, Method
 from ..validation import check_float
 from . import linalg
 from .linalg import TensorList
@@ -198,14 +199,14 @@ def mixed_finite_difference(
     return out
 
 
-class HypergradMethod(ABC):
+class HypergradMethod(Method, ABC):
     """Base class: a method is a small frozen settings object that is also callable.
 
     ``method(objective, v)`` returns (dθ*/dλ)ᵀ v ≈ −∂²_{λθ} L_in · solve(v).
     Subclasses set ``name``, ``default_mixed`` and implement ``solve``.
     """
 
-    name: ClassVar[str] = ""
+    family: ClassVar[Family] = "implicit"
     #: True for methods that multiply by H: they build ∇_θ L_in with its graph before solving
     uses_hessian: ClassVar[bool] = True
     #: mixed-product mode used when ``mixed="auto"``: "exact" for methods that build the
@@ -224,7 +225,7 @@ class HypergradMethod(ABC):
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         """Return x ≈ H⁻¹ v (or the method's stand-in for it)."""
 
-    def before_optimizer_step(  # noqa: B027 - optional hook, a no-op by default
+    def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
         """Called by the lower problem just before its optimizer steps (default: nothing)."""
