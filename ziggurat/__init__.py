@@ -22,7 +22,9 @@ from .hypergrad import (
     Neumann,
     register,
 )
+from .iterative import IterativeProblem
 from .problem import ImplicitProblem, Problem
+from .unrolled import EvolutionStrategies, Forward, Reverse
 
 __version__ = "0.1.0"
 
@@ -34,15 +36,19 @@ __all__ = [
     "Darts",
     "Engine",
     "EngineConfig",
+    "EvolutionStrategies",
     "FixedPoint",
+    "Forward",
     "GraphError",
     "HypergradMethod",
     "HypergradientError",
     "ImplicitProblem",
     "InnerObjective",
+    "IterativeProblem",
     "Neumann",
     "Problem",
     "ProgramGraph",
+    "Reverse",
     "ZigguratError",
     "__version__",
     "build_graph",

@@ -107,7 +107,7 @@ class Engine:
                         self._pending[(name, c)] = 0
                         finished.append(c)
         for c in dict.fromkeys(finished):
-            self._by_name[c].roll_back()
+            self._by_name[c].end_unroll()
             self._unroll_open[c] = False
         self.global_step += 1
         return stepped

@@ -266,6 +266,10 @@ class Problem:
         if self.config.roll_back:
             self._snapshot = Snapshot(self.module, self.optimizer)
 
+    def end_unroll(self) -> None:
+        """Called once the upper problems have stepped: the unroll is over (roll back)."""
+        self.roll_back()
+
     def roll_back(self) -> None:
         """Return to the snapshot taken at the start of the unroll (roll_back=True only)."""
         if self._snapshot is not None:

@@ -8,7 +8,13 @@ object into a method object, so problems never import a method by name.
 from __future__ import annotations
 
 from ..registry import REGISTRY, register, resolve
-from .base import Curvature, HypergradMethod, InnerObjective, mixed_finite_difference
+from .base import (
+    Curvature,
+    HypergradMethod,
+    InnerObjective,
+    fixed_randomness,
+    mixed_finite_difference,
+)
 from .cg import CG
 from .darts import Darts
 from .fixed_point import FixedPoint
@@ -29,6 +35,7 @@ __all__ = [
     "HypergradMethod",
     "InnerObjective",
     "Neumann",
+    "fixed_randomness",
     "mixed_finite_difference",
     "register",
     "resolve",

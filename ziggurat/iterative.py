@@ -1,0 +1,417 @@
+"""IterativeProblem: a lower level whose hypergradient differentiates its own unrolled steps.
+
+Within one unroll (``unroll_steps`` = K steps between two steps of its upper problems) the
+problem's parameters are tensors θ_k computed by the differentiable twin of its torch
+optimizer, θ_{k+1}, s_{k+1} = Φ(θ_k, s_k, ∇L(θ_k, λ), h(λ)), evaluated through the ordinary
+module (``self.module(x)`` and ``self(x)`` compute with θ_k). The module's own parameters
+hold the values of θ_k after every step (so the module is always current), and at the end
+of the unroll the optimizer's state is written back, so the torch optimizer continues
+exactly where the functional one stopped.
+
+Upper problems read θ_K through stand-in leaves (``read_parameters``), so their own
+gradient never runs through the unroll; the unroll enters only through
+``best_response_vjp``, computed by the configured method (``Reverse``, ``Forward`` or
+``EvolutionStrategies``). A problem that is itself an upper problem of others adds its
+hypergradients as constants (they are not differentiated again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, HypergradientError
+from .hypergrad import fixed_randomness, linalg
+from .optim import FunctionalOptimizer, from_torch, write_back
+from .problem import Problem
+from .registry import Family, Method
+from .snapshot import Snapshot
+from .unrolled import EvolutionStrategies, Forward, Reverse, use_parameters
+
+
+def _zeros_if_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+class IterativeProblem(Problem):
+    """A problem differentiated through its unrolled optimization (MAML, learned learning
+    rates, short horizons). Its ``config.type`` is "reverse" (default), "forward" or "es".
+
+    Hooks beyond Problem's:
+        initial_parameters(): θ₀ of each unroll as tensors that may depend on upper
+            problems (MAML: the meta-parameters themselves); default: the current values.
+        optimizer_hyperparameters(): optimizer settings to use instead of the param groups'
+            (e.g. ``{"lr": self.outer().exp()}`` for a learned learning rate); they may be
+            tensors with a graph to upper problems.
+    """
+
+    method_family: Family = "iterative"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._theta: list[Tensor] | None = None  # θ_k of the open unroll
+        self._fopt: FunctionalOptimizer | None = None
+        self._fstate: list[dict[str, Tensor]] = []
+        self._proxies: list[Tensor] | None = None
+        self._own = False  # evaluating our own loss (module computes with θ_k)
+        self._unroll_step = 0
+        self._tangents: dict[str, list[tuple[list[Tensor], list[dict[str, Tensor]]]]] = {}
+        self._es_start: tuple[Snapshot, Any] | None = None
+        self._es_steps: list[tuple[Any, Tensor]] = []
+        self._es_calls = 0
+
+    def default_method(self) -> Method:
+        return Reverse()
+
+    # ----------------------------------------------------------------- user hooks
+    def initial_parameters(self) -> Sequence[Tensor] | None:
+        """θ₀ of each unroll (may depend on upper problems); None: the current values."""
+        return None
+
+    def optimizer_hyperparameters(self) -> Mapping[str, float | Tensor]:
+        """Optimizer settings replacing the param groups' values (may be tensors)."""
+        return {}
+
+    # ----------------------------------------------------------------- what others see
+    def read_parameters(self) -> list[Tensor]:
+        if self._theta is None:
+            return self.trainable_parameters()
+        if self._proxies is None:
+            self._proxies = [t.detach().requires_grad_() for t in self._theta]
+        return self._proxies
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._own or self._theta is None:
+            return self.module(*args, **kwargs)
+        with use_parameters(self.module, self.trainable_parameters(), self.read_parameters()):
+            return self.module(*args, **kwargs)
+
+    # ----------------------------------------------------------------- unroll lifecycle
+    def start_unroll(self) -> None:
+        super().start_unroll()
+        method = self.method
+        if isinstance(method, EvolutionStrategies):
+            scheduler_state = None if self.scheduler is None else self.scheduler.state_dict()
+            self._es_start = (Snapshot(self.module, self.optimizer), scheduler_state)
+            self._es_steps = []
+            return
+        params = self.trainable_parameters()
+        start = self.initial_parameters()
+        if start is None:
+            theta = [p.detach().clone().requires_grad_() for p in params]
+        else:
+            theta = list(start)
+            if len(theta) != len(params) or any(
+                t.shape != p.shape for t, p in zip(theta, params)
+            ):
+                raise ConfigError(
+                    self.name, "initial_parameters()", [tuple(t.shape) for t in theta],
+                    f"one tensor per trainable parameter, shapes "
+                    f"{[tuple(p.shape) for p in params]}",
+                )
+            if any(not t.requires_grad for t in theta):
+                theta = [t if t.requires_grad else t.detach().clone().requires_grad_()
+                         for t in theta]
+        self._fopt, self._fstate, _ = from_torch(self.optimizer, params)
+        self._theta = theta
+        self._proxies = None
+        self._unroll_step = 0
+        self._sync_module()
+        if isinstance(method, Forward):
+            self._start_tangents(method, start is not None)
+
+    def end_unroll(self) -> None:
+        """Write θ_K and the optimizer state back, release the graph, then roll back."""
+        if self._theta is not None:
+            self._sync_module()
+            write_back(self.optimizer, self.trainable_parameters(), self._fstate)
+        self._theta = None
+        self._fstate = []
+        self._proxies = None
+        self._tangents = {}
+        self._es_start = None
+        self._es_steps = []
+        super().end_unroll()
+
+    def _sync_module(self) -> None:
+        assert self._theta is not None
+        with torch.no_grad():
+            for p, t in zip(self.trainable_parameters(), self._theta):
+                p.copy_(t)
+
+    # ----------------------------------------------------------------- one step
+    def step(self) -> None:
+        if isinstance(self.method, EvolutionStrategies) and self._es_start is not None:
+            self._es_steps.append((None, torch.get_rng_state()))
+            super().step()
+            self._es_steps[-1] = (self.cur_batch, self._es_steps[-1][1])
+            return
+        if self._theta is None:  # warm-up steps, before any unroll: an ordinary step
+            super().step()
+            return
+        method = self.method
+        batch = self.get_batch()
+        self.cur_batch = batch
+        if isinstance(method, Forward):
+            self._forward_mode_step(batch)
+        else:
+            assert isinstance(method, Reverse)
+            k = self.config.unroll_steps
+            in_window = method.truncate is None or self._unroll_step >= k - method.truncate
+            new_theta, new_state = self._unrolled_update(
+                batch, self._theta, self._fstate,
+                create_graph=in_window and not method.first_order, record=True,
+            )
+            if not in_window:
+                new_theta = [t.detach().requires_grad_() for t in new_theta]
+                new_state = [{k_: v.detach() for k_, v in s.items()} for s in new_state]
+            self._theta, self._fstate = new_theta, new_state
+        self._after_step()
+
+    def _after_step(self) -> None:
+        self._proxies = None
+        self._unroll_step += 1
+        self._sync_module()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.param_callback(self.trainable_parameters())
+        self.count += 1
+
+    def _hyper(self, params: Sequence[Tensor]) -> list[dict[str, float | Tensor]]:
+        """Per-parameter optimizer settings: the param groups (read now, so schedulers
+        apply) with ``optimizer_hyperparameters()`` on top."""
+        assert self._fopt is not None
+        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        override = dict(self.optimizer_hyperparameters())
+        out = []
+        for p in params:
+            hyper = self._fopt.hyper_from_group(groups[id(p)])
+            hyper.update(override)
+            out.append(hyper)
+        return out
+
+    def _unrolled_update(
+        self,
+        batch: Any,
+        theta: list[Tensor],
+        state: list[dict[str, Tensor]],
+        create_graph: bool,
+        record: bool = False,
+    ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        """Φ: one differentiable optimizer step from (θ, s) on ``batch``."""
+        assert self._fopt is not None
+        params = self.trainable_parameters()
+        self._own = True
+        try:
+            with use_parameters(self.module, params, theta):
+                loss = self._loss_of(self.training_step(batch), record=record)
+        finally:
+            self._own = False
+        grads = self._gradients(loss, theta, create_graph=create_graph)
+        if not create_graph:
+            grads = [g.detach() for g in grads]
+        if record:
+            grads = self._final_gradients(grads, theta)
+        new_theta, new_state = self._fopt.step(theta, grads, state, self._hyper(params))
+        return list(new_theta), list(new_state)
+
+    # ----------------------------------------------------------------- hypergradients
+    def best_response_vjp(
+        self, v: list[Tensor], upper: Problem, key: Hashable = None
+    ) -> list[Tensor]:
+        method = self.method
+        lam = upper.read_parameters()
+        if isinstance(method, EvolutionStrategies):
+            return self._es_vjp(method, v, lam)
+        if self._theta is None:
+            raise HypergradientError(
+                f"problem '{upper.name}' asked for a hypergradient through '{self.name}' "
+                f"outside an unroll; step problems through zg.Engine."
+            )
+        if isinstance(method, Forward):
+            return self._forward_vjp(v, upper)
+        out = torch.autograd.grad(self._theta, lam, v, retain_graph=True, allow_unused=True)
+        if all(o is None for o in out):
+            raise HypergradientError(
+                f"the unrolled steps of problem '{self.name}' do not depend on the parameters "
+                f"of '{upper.name}', so its hypergradient would be silently zero. Use "
+                f"self.{upper.name}(...) in training_step, optimizer_hyperparameters() or "
+                f"initial_parameters(), without detaching, or remove the dependency."
+            )
+        return _zeros_if_none(out, lam)
+
+    # forward mode -----------------------------------------------------------------
+    def _start_tangents(self, method: Forward, from_upper: bool) -> None:
+        assert self._theta is not None
+        self._tangents = {}
+        for name in self._graph_or_error().parents[self.name]:
+            upper = self._others[name]
+            lam = upper.read_parameters()
+            numel = sum(t.numel() for t in lam)
+            if numel > method.max_upper_numel and not method.allow_large:
+                raise ConfigError(
+                    self.name, "config.type", method,
+                    f"forward mode carries one tangent of θ (and of the optimizer state) per "
+                    f"scalar of the upper problem; '{name}' has {numel} scalars > "
+                    f"max_upper_numel={method.max_upper_numel}, i.e. {numel}× the memory of "
+                    f"θ and {numel} extra backward passes per step. Use reverse mode, or "
+                    f"Forward(allow_large=True) to accept the cost",
+                )
+            bases = [_basis(lam, j) for j in range(numel)]
+            if from_upper:  # θ₀ depends on the upper problem (e.g. MAML's initialisation)
+                starts = _jvps(self._theta, lam, bases)
+            else:
+                starts = [[torch.zeros_like(x) for x in self._theta] for _ in bases]
+            self._tangents[name] = [
+                ([x.detach() for x in start],
+                 [{k: torch.zeros_like(s) for k, s in st.items() if torch.is_floating_point(s)}
+                  for st in self._fstate])
+                for start in starts
+            ]
+        self._theta = [t.detach().requires_grad_() for t in self._theta]
+
+    def _forward_mode_step(self, batch: Any) -> None:
+        assert self._theta is not None
+        theta = self._theta
+        state = [{k: (s.detach().requires_grad_() if torch.is_floating_point(s) else s)
+                  for k, s in st.items()} for st in self._fstate]
+        new_theta, new_state = self._unrolled_update(batch, theta, state, create_graph=True,
+                                                     record=True)
+        outputs = list(new_theta) + [s[k] for s in new_state for k in sorted(s)
+                                     if torch.is_floating_point(s[k])]
+        state_in = [s[k] for s in state for k in sorted(s) if torch.is_floating_point(s[k])]
+        for name, columns in self._tangents.items():
+            lam = self._others[name].read_parameters()
+            updated = []
+            tangent_sets = [
+                list(t_theta) + [ts[k] for ts in t_state for k in sorted(ts)] + _basis(lam, j)
+                for j, (t_theta, t_state) in enumerate(columns)
+            ]
+            n = len(theta)
+            for tangent in _jvps(outputs, list(theta) + state_in + list(lam), tangent_sets):
+                new_t_theta = [x.detach() for x in tangent[:n]]
+                flat = iter(x.detach() for x in tangent[n:])
+                new_t_state = [{k: next(flat) for k in sorted(s) if torch.is_floating_point(s[k])}
+                               for s in new_state]
+                updated.append((new_t_theta, new_t_state))
+            self._tangents[name] = updated
+        self._theta = [t.detach().requires_grad_() for t in new_theta]
+        self._fstate = [{k: s.detach() for k, s in st.items()} for st in new_state]
+
+    def _forward_vjp(self, v: list[Tensor], upper: Problem) -> list[Tensor]:
+        columns = self._tangents.get(upper.name)
+        if columns is None:
+            raise HypergradientError(
+                f"forward mode of '{self.name}' carries tangents for its upper problems "
+                f"{sorted(self._tangents)} only, not '{upper.name}'."
+            )
+        lam = upper.read_parameters()
+        flat = torch.stack([linalg.dot(v, t_theta) for t_theta, _ in columns])
+        out, offset = [], 0
+        for t in lam:
+            out.append(flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype))
+            offset += t.numel()
+        return out
+
+    # zeroth order -----------------------------------------------------------------
+    def _es_vjp(self, method: EvolutionStrategies, v: list[Tensor], lam: list[Tensor]
+                ) -> list[Tensor]:
+        if self._es_start is None or not self._es_steps:
+            raise HypergradientError(
+                f"evolution strategies through '{self.name}' need a recorded unroll; step "
+                f"problems through zg.Engine."
+            )
+        final = Snapshot(self.module, self.optimizer)
+        final_scheduler = None if self.scheduler is None else self.scheduler.state_dict()
+        saved_lam = [t.detach().clone() for t in lam]
+        generator = torch.Generator().manual_seed(method.seed + self._es_calls)
+        self._es_calls += 1
+        estimate = [torch.zeros_like(t) for t in lam]
+        params = self.trainable_parameters()
+        try:
+            with fixed_randomness(params):
+                for _ in range(method.samples):
+                    eps = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                           for t in lam]
+                    values = []
+                    for sign in (1.0, -1.0):
+                        with torch.no_grad():
+                            for t, s, e in zip(lam, saved_lam, eps):
+                                t.copy_(s + sign * method.sigma * e)
+                        self._es_replay()
+                        values.append(sum(float((vi * p.detach()).sum())
+                                          for vi, p in zip(v, params)))
+                    scale = (values[0] - values[1]) / (2.0 * method.sigma * method.samples)
+                    for acc, e in zip(estimate, eps):
+                        acc.add_(e, alpha=scale)
+        finally:
+            with torch.no_grad():
+                for t, s in zip(lam, saved_lam):
+                    t.copy_(s)
+            final.restore()
+            if self.scheduler is not None and final_scheduler is not None:
+                self.scheduler.load_state_dict(final_scheduler)
+        return estimate
+
+    def _es_replay(self) -> None:
+        """Re-run the recorded lower steps (same batches, same random numbers)."""
+        assert self._es_start is not None
+        snapshot, scheduler_state = self._es_start
+        snapshot.restore()
+        if self.scheduler is not None and scheduler_state is not None:
+            self.scheduler.load_state_dict(scheduler_state)
+        params = self.trainable_parameters()
+        for batch, rng in self._es_steps:
+            torch.set_rng_state(rng)
+            loss = self._loss_of(self.training_step(batch))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = torch.zeros_like(p) if g is None else g
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            for p in params:
+                p.grad = None
+
+
+def _basis(lam: Sequence[Tensor], index: int) -> list[Tensor]:
+    """The index-th unit vector over the scalars of ``lam``, as a tensor list."""
+    out = [torch.zeros_like(t) for t in lam]
+    for t in out:
+        if index < t.numel():
+            t.view(-1)[index] = 1.0
+            break
+        index -= t.numel()
+    return out
+
+
+def _jvps(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], tangent_sets: Sequence[Sequence[Tensor]]
+) -> list[list[Tensor]]:
+    """J·t for each tangent t, where outputs = f(inputs), by differentiating the
+    vector-Jacobian product u ↦ Jᵀu with respect to u (the 'double-vjp' trick): one backward
+    with graph shared by all tangents, then one backward per tangent."""
+    outs = list(outputs)
+    zeros = [[torch.zeros_like(o) for o in outs] for _ in tangent_sets]
+    live = [k for k, o in enumerate(outs) if o.requires_grad]
+    keep = [k for k, i in enumerate(inputs) if i.requires_grad]
+    if not live or not keep or not tangent_sets:
+        return zeros
+    dummies = [torch.zeros_like(outs[k], requires_grad=True) for k in live]
+    vjp = torch.autograd.grad([outs[k] for k in live], [inputs[k] for k in keep], dummies,
+                              create_graph=True, allow_unused=True)
+    used = [(g, k) for g, k in zip(vjp, keep) if g is not None and g.requires_grad]
+    if not used:
+        return zeros
+    results = []
+    for tangents, result in zip(tangent_sets, zeros):
+        jv = torch.autograd.grad([g for g, _ in used], dummies, [tangents[k] for _, k in used],
+                                 retain_graph=True, allow_unused=True)
+        for k, g in zip(live, jv):
+            if g is not None:
+                result[k] = g
+        results.append(result)
+    return results
