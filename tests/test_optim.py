@@ -322,6 +322,19 @@ def test_from_torch_before_any_step_matches_init_state(cls: OptimizerType) -> No
     assert hyper[0]["lr"] == 0.1
 
 
+def test_betas_pair_is_taken_for_beta1_beta2() -> None:
+    """torch's spelling ``betas=(β₁, β₂)`` (e.g. in an override dict) means beta1, beta2."""
+    beta1 = torch.tensor(0.7, dtype=D, requires_grad=True)
+    fopt = by_name("adamw")
+    h = fopt.settings({"betas": (beta1, 0.9)})  # type: ignore[dict-item]
+    assert h["beta1"] is not None and h["beta2"] == 0.9 and h["decoupled_weight_decay"]
+    x = [torch.ones(3, dtype=D)]
+    hyper: list[dict[str, Any]] = [{"betas": (beta1, 0.9)}]
+    (y,), _ = fopt.step(x, x, fopt.init_state(x, hyper), hyper)
+    (d,) = torch.autograd.grad(y.sum(), beta1)
+    assert torch.isfinite(d)
+
+
 def test_from_torch_reads_each_params_group() -> None:
     a, b, c = (torch.zeros(2, requires_grad=True) for _ in range(3))
     groups: list[dict[str, Any]] = [
@@ -564,7 +577,9 @@ def test_unsupported_optimizer_is_refused_by_name(make: Callable, named: str) ->
 def test_bad_settings_are_refused() -> None:
     x = [torch.zeros(3, dtype=D)]
     with pytest.raises(ConfigError, match="betas"):
-        FunctionalAdam().init_state(x, [{"betas": (0.9, 0.99)}])  # type: ignore[dict-item]
+        FunctionalAdam().init_state(x, [{"betas": 0.9}])
+    with pytest.raises(ConfigError, match="betas"):
+        FunctionalAdam().init_state(x, [{"betas": (0.9, 0.99), "beta1": 0.9}])  # type: ignore[dict-item]
     with pytest.raises(ConfigError, match="nesterov"):
         FunctionalSGD().init_state(x, [{"nesterov": True}])
     with pytest.raises(ConfigError, match="centered"):

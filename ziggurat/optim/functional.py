@@ -355,6 +355,19 @@ class FunctionalAdam(FunctionalOptimizer):
             out["beta1"], out["beta2"] = betas[0], betas[1]
         return out
 
+    def settings(self, hyper: Mapping[str, float | Tensor], index: int = 0) -> dict[str, Scalar]:
+        """As the base, also taking torch's ``betas=(β₁, β₂)`` for ``beta1`` and ``beta2``."""
+        if "betas" in hyper:
+            betas: object = hyper["betas"]
+            owner = f"{self.name}.hyper[{index}]"
+            if not isinstance(betas, tuple | list) or len(betas) != 2:
+                raise ConfigError(owner, "betas", betas, "a pair (beta1, beta2)")
+            if "beta1" in hyper or "beta2" in hyper:
+                raise ConfigError(owner, "betas", betas, "given without beta1 / beta2")
+            hyper = {k: v for k, v in hyper.items() if k != "betas"}
+            hyper["beta1"], hyper["beta2"] = betas[0], betas[1]
+        return super().settings(hyper, index)
+
     def _init(self, param: Tensor, h: dict[str, Scalar]) -> dict[str, Tensor]:
         state = {
             "step": zero_step(),
