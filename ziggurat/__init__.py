@@ -24,7 +24,7 @@ from .hypergrad import (
 )
 from .iterative import IterativeProblem
 from .problem import ImplicitProblem, Problem
-from .unrolled import EvolutionStrategies, Forward, Reverse
+from .unrolled import EvolutionStrategies, Forward, Reinforce, Reverse
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "Neumann",
     "Problem",
     "ProgramGraph",
+    "Reinforce",
     "Reverse",
     "ZigguratError",
     "__version__",

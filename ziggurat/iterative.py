@@ -29,7 +29,7 @@ from .optim import FunctionalOptimizer, from_torch, write_back
 from .problem import Problem
 from .registry import Family, Method
 from .snapshot import Snapshot
-from .unrolled import EvolutionStrategies, Forward, Reverse, use_parameters
+from .unrolled import EvolutionStrategies, Forward, Reinforce, Reverse, use_parameters
 
 
 def _zeros_if_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
@@ -62,6 +62,9 @@ class IterativeProblem(Problem):
         self._es_start: tuple[Snapshot, Any] | None = None
         self._es_steps: list[tuple[Any, Tensor]] = []
         self._es_calls = 0
+        self._log_probs: list[Tensor] = []
+        self._unroll_open = False
+        self._baselines: dict[Hashable, float] = {}
 
     def default_method(self) -> Method:
         return Reverse()
@@ -74,6 +77,11 @@ class IterativeProblem(Problem):
     def optimizer_hyperparameters(self) -> Mapping[str, float | Tensor]:
         """Optimizer settings replacing the param groups' values (may be tensors)."""
         return {}
+
+    def record_log_prob(self, log_prob: Tensor) -> None:
+        """With ``type="reinforce"``: record log p_λ(z) of a random draw made in this step."""
+        if isinstance(self.method, Reinforce) and self._unroll_open:
+            self._log_probs.append(log_prob.sum())
 
     # ----------------------------------------------------------------- what others see
     def read_parameters(self) -> list[Tensor]:
@@ -93,6 +101,10 @@ class IterativeProblem(Problem):
     def start_unroll(self) -> None:
         super().start_unroll()
         method = self.method
+        if isinstance(method, Reinforce):
+            self._log_probs = []
+            self._unroll_open = True
+            return
         if isinstance(method, EvolutionStrategies):
             scheduler_state = None if self.scheduler is None else self.scheduler.state_dict()
             self._es_start = (Snapshot(self.module, self.optimizer), scheduler_state)
@@ -134,6 +146,8 @@ class IterativeProblem(Problem):
         self._tangents = {}
         self._es_start = None
         self._es_steps = []
+        self._log_probs = []
+        self._unroll_open = False
         super().end_unroll()
 
     def _sync_module(self) -> None:
@@ -149,7 +163,7 @@ class IterativeProblem(Problem):
             super().step()
             self._es_steps[-1] = (self.cur_batch, self._es_steps[-1][1])
             return
-        if self._theta is None:  # warm-up steps, before any unroll: an ordinary step
+        if self._theta is None:  # warm-up, sampling (reinforce) and es: ordinary steps
             super().step()
             return
         method = self.method
@@ -226,6 +240,8 @@ class IterativeProblem(Problem):
         lam = upper.read_parameters()
         if isinstance(method, EvolutionStrategies):
             return self._es_vjp(method, v, lam)
+        if isinstance(method, Reinforce):
+            return self._reinforce_vjp(method, v, upper, key)
         if self._theta is None:
             raise HypergradientError(
                 f"problem '{upper.name}' asked for a hypergradient through '{self.name}' "
@@ -315,6 +331,31 @@ class IterativeProblem(Problem):
             out.append(flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype))
             offset += t.numel()
         return out
+
+    # score function -----------------------------------------------------------------
+    def _reinforce_vjp(
+        self, method: Reinforce, v: list[Tensor], upper: Problem, key: Hashable
+    ) -> list[Tensor]:
+        lam = upper.read_parameters()
+        if not self._log_probs:
+            raise HypergradientError(
+                f"REINFORCE through '{self.name}' needs the log-probabilities of its random "
+                f"draws: call self.record_log_prob(dist.log_prob(z)) in training_step."
+            )
+        score = torch.autograd.grad(torch.stack(self._log_probs).sum(), lam,
+                                    retain_graph=True, allow_unused=True)
+        if all(s is None for s in score):
+            raise HypergradientError(
+                f"the recorded log-probabilities of '{self.name}' do not depend on the "
+                f"parameters of '{upper.name}'; build the sampling distribution from "
+                f"self.{upper.name}(...) without detaching."
+            )
+        value = float(linalg.dot(v, [p.detach() for p in self.trainable_parameters()]))
+        baseline = self._baselines.get(key, 0.0)
+        self._baselines[key] = (method.baseline_decay * baseline
+                                + (1.0 - method.baseline_decay) * value)
+        return [torch.zeros_like(t) if s is None else (value - baseline) * s
+                for s, t in zip(score, lam)]
 
     # zeroth order -----------------------------------------------------------------
     def _es_vjp(self, method: EvolutionStrategies, v: list[Tensor], lam: list[Tensor]

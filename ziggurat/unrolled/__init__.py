@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .methods import EvolutionStrategies, Forward, Reverse
+from .methods import EvolutionStrategies, Forward, Reinforce, Reverse
 from .reparam import use_parameters
 
-__all__ = ["EvolutionStrategies", "Forward", "Reverse", "use_parameters"]
+__all__ = ["EvolutionStrategies", "Forward", "Reinforce", "Reverse", "use_parameters"]

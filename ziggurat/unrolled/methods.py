@@ -9,6 +9,7 @@ differentiable twin of its torch optimizer, then hands (dθ_K/dλ)ᵀ v up the p
   extra backward per step and per scalar of λ).
 * ``EvolutionStrategies``: no derivative of the lower steps at all; antithetic Gaussian
   smoothing over re-runs of the unroll.
+* ``Reinforce``: lower levels that sample; the score-function estimator.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..errors import ConfigError
 from ..registry import Family, Method, register
 from ..validation import check_bool, check_float, check_int
 
@@ -99,5 +101,34 @@ class EvolutionStrategies(Method):
         check_int("EvolutionStrategies", "seed", self.seed, 0)
 
 
-for _cls in (Reverse, Forward, EvolutionStrategies):
+@dataclass(frozen=True)
+class Reinforce(Method):
+    """Score-function (REINFORCE) estimator for lower levels that sample.
+
+    The lower problem draws random choices z ~ p_λ(z) (data selections, architectures,
+    masks) and records log p_λ(z) of each draw with ``record_log_prob``; its steps are
+    ordinary torch steps. With F = ⟨v, θ_K⟩ the linearised upper objective,
+
+        ĝ = (F − b) ∇_λ Σ_k log p_λ(z_k),
+
+    unbiased for ∇_λ E_z[F] because the baseline b (an exponential average of earlier F
+    values, 0 at first) does not depend on the current draws.
+
+    Args:
+        baseline_decay: weight of the old baseline in b ← decay·b + (1 − decay)·F.
+    """
+
+    name: ClassVar[str] = "reinforce"
+    family: ClassVar[Family] = "iterative"
+
+    baseline_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_float("Reinforce", "baseline_decay", self.baseline_decay)
+        if self.baseline_decay > 1.0:
+            raise ConfigError("Reinforce", "baseline_decay", self.baseline_decay,
+                              "a number in [0, 1]")
+
+
+for _cls in (Reverse, Forward, EvolutionStrategies, Reinforce):
     register(_cls)
