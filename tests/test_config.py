@@ -84,7 +84,7 @@ def test_config_unknown_type(value: object) -> None:
         "Config",
         "type",
         value,
-        "one of ['cg', 'darts', 'es', 'fixed_point', 'forward', 'neumann', 'reverse', 'sama']",
+        "one of ['cg', 'darts', 'es', 'fixed_point', 'forward', 'neumann', 'reinforce', 'reverse', 'sama']",
         "zg.CG(iterations=20)",
     )
 
@@ -323,7 +323,7 @@ def test_registered_method_is_usable_by_name() -> None:
         "Config",
         "type",
         "scaled_identity",
-        "one of ['cg', 'darts', 'es', 'fixed_point', 'forward', 'neumann', 'reverse', 'sama']",
+        "one of ['cg', 'darts', 'es', 'fixed_point', 'forward', 'neumann', 'reinforce', 'reverse', 'sama']",
     )
 
 
