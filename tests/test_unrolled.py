@@ -466,3 +466,54 @@ def test_reinforce_needs_recorded_log_probabilities() -> None:
     engine = zg.Engine([outer, inner], zg.chain(outer, inner))
     with pytest.raises(zg.HypergradientError, match="record_log_prob"):
         engine.train_step()
+
+
+def test_iterative_middle_between_implicit_levels() -> None:
+    """top λ (implicit) → middle θ₂ (unrolled GD, K steps) → bottom θ₃ (implicit, CG); the
+    top reads θ₃: dL/dλ = (η Σ_k (I − ηA₂)^k B₂)ᵀ (A₃⁻¹B₃)ᵀ (θ₃ − t)."""
+    g = torch.Generator().manual_seed(7)
+    a2 = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=DTYPE))
+    b2 = torch.randn(3, 2, generator=g, dtype=DTYPE)
+    a3 = torch.diag(torch.tensor([2.0, 1.0, 4.0, 3.0], dtype=DTYPE))
+    b3 = torch.randn(4, 3, generator=g, dtype=DTYPE)
+    t = torch.randn(4, generator=g, dtype=DTYPE)
+    m1, m2, m3 = Vec([0.3, -0.2]), Vec([0.1, 0.2, 0.3]), Vec([0.0, 0.1, 0.2, 0.3])
+    got: list[tuple[torch.Tensor, torch.Tensor]] = []
+    k = 3
+
+    class Top(zg.ImplicitProblem):
+        def training_step(self, batch: Any) -> torch.Tensor:
+            return 0.5 * ((self.bottom() - t) ** 2).sum()
+
+        def grad_callback(self, grads: list[torch.Tensor]) -> None:
+            got.append((grads[0].clone(), m3.theta.detach().clone()))
+
+    top = Top("top", m1, torch.optim.SGD(m1.parameters(), lr=0.0))
+    mid = zg.IterativeProblem("middle", m2, torch.optim.SGD(m2.parameters(), lr=ETA),
+                              config=zg.Config(unroll_steps=k),
+                              training_step=lambda p, b: 0.5 * p() @ a2 @ p()
+                              - p() @ (b2 @ p.top()))
+    bot = zg.ImplicitProblem("bottom", m3, torch.optim.SGD(m3.parameters(), lr=0.05),
+                             config=zg.Config(type=zg.CG(iterations=4)),
+                             training_step=lambda p, b: 0.5 * p() @ a3 @ p()
+                             - p() @ (b3 @ p.middle()))
+    zg.Engine([top, mid, bot], {"u2l": {top: [mid], mid: [bot]}, "l2u": {bot: [top]}},
+              zg.EngineConfig(train_iters=2 * k)).run()
+    assert len(got) == 2
+    m = torch.eye(3, dtype=DTYPE) - ETA * a2
+    d2 = ETA * sum(torch.linalg.matrix_power(m, j) for j in range(k)) @ b2
+    d3 = torch.linalg.solve(a3, b3)
+    for grad, theta3 in got:
+        assert rel_err(grad, d2.T @ d3.T @ (theta3 - t)) <= 1e-10
+
+
+def test_top_level_iterative_problem_keeps_no_graph() -> None:
+    """With nothing above it, an IterativeProblem takes ordinary steps (no unroll, no graph)."""
+    m = Vec([1.0, 2.0])
+    single = zg.IterativeProblem("single", m, torch.optim.SGD(m.parameters(), lr=0.5),
+                                 training_step=lambda p, b: 0.5 * (p() ** 2).sum())
+    engine = zg.Engine([single])
+    for _ in range(3):
+        engine.train_step()
+        assert single._theta is None
+    assert torch.allclose(m.theta.detach(), torch.tensor([0.125, 0.25], dtype=DTYPE))

@@ -100,6 +100,8 @@ class IterativeProblem(Problem):
     # ----------------------------------------------------------------- unroll lifecycle
     def start_unroll(self) -> None:
         super().start_unroll()
+        if not self._graph_or_error().parents[self.name]:
+            return  # nothing above differentiates through us: ordinary steps, no graph kept
         method = self.method
         if isinstance(method, Reinforce):
             self._log_probs = []
