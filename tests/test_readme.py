@@ -16,3 +16,7 @@ def test_readme_python_blocks_run() -> None:
     outer, inner = namespace["outer"], namespace["inner"]
     assert inner.count == 500 and outer.count == 50  # type: ignore[attr-defined]
     assert namespace["contribution"][0].shape == (5,)  # type: ignore[index]
+    rate, adapt = namespace["rate"], namespace["adapt"]
+    assert adapt.count == 50 and rate.count == 10  # type: ignore[attr-defined]
+    norm = rate.last_hypergrad_norm  # type: ignore[attr-defined]
+    assert norm is not None and norm > 0  # the learned rate received a hypergradient
