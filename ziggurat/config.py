@@ -12,6 +12,7 @@ from typing import Any, Literal
 from . import hypergrad as _hypergrad  # noqa: F401  (registers the implicit methods)
 from .errors import ConfigError
 from .registry import REGISTRY, Method, resolve
+from .systems import PRECISIONS
 from .validation import check_bool, check_float, check_int
 
 # Betty-style shorthand fields: (field name, methods it applies to, setting of the method).
@@ -45,6 +46,15 @@ class Config:
         warmup_steps: this problem's first steps that do not count towards an upper step.
         check_finite: stop with an error naming the problem and step when a hypergradient
             this problem receives is NaN or infinite.
+        gradient_accumulation: micro-batches per step; their gradients are averaged (each
+            differentiated on its own) before the hypergradient, clipping and the step.
+        gradient_clipping: clip the final gradient (hypergradient included) to this total
+            L2 norm (torch's clip_grad_norm_ rule); None: no clipping.
+        precision: "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast with dynamic
+            loss scaling, CUDA) for this problem's own forward passes; hypergradient
+            evaluations always run with autocast off.
+        scheduler_metric: what a ReduceLROnPlateau scheduler is stepped with: "loss" or the
+            name of a metric returned by training_step.
         cg_iterations, cg_damping, neumann_iterations, neumann_alpha,
         fixed_point_iterations, fixed_point_alpha, darts_alpha: shorthand for the settings
             of a method given by name (``darts_alpha`` is the finite-difference radius
@@ -62,6 +72,10 @@ class Config:
     roll_back: bool = False
     warmup_steps: int = 0
     check_finite: bool = True
+    gradient_accumulation: int = 1
+    gradient_clipping: float | None = None
+    precision: str = "fp32"
+    scheduler_metric: str = "loss"
     cg_iterations: int | None = None
     cg_damping: float | None = None
     neumann_iterations: int | None = None
@@ -76,6 +90,14 @@ class Config:
         check_int("Config", "warmup_steps", self.warmup_steps, 0)
         check_bool("Config", "roll_back", self.roll_back)
         check_bool("Config", "check_finite", self.check_finite)
+        check_int("Config", "gradient_accumulation", self.gradient_accumulation, 1)
+        check_float("Config", "gradient_clipping", self.gradient_clipping, strict=True,
+                    allow_none=True)
+        if self.precision not in PRECISIONS:
+            raise ConfigError("Config", "precision", self.precision, f"one of {PRECISIONS}")
+        if not isinstance(self.scheduler_metric, str) or not self.scheduler_metric:
+            raise ConfigError("Config", "scheduler_metric", self.scheduler_metric,
+                              "'loss' or the name of a metric returned by training_step")
         name = self.type.name if isinstance(self.type, Method) else self.type
         settings: dict[str, Any] = {}
         for short, methods, setting in _SHORTHANDS:

@@ -26,9 +26,10 @@ from torch import Tensor
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
 from .optim import FunctionalOptimizer, from_torch, write_back
-from .problem import Problem
+from .problem import MicroBatches, Problem
 from .registry import Family, Method
 from .snapshot import Snapshot
+from .systems import clip_by_total_norm
 from .unrolled import EvolutionStrategies, Forward, Reinforce, Reverse, use_parameters
 
 
@@ -100,6 +101,13 @@ class IterativeProblem(Problem):
     # ----------------------------------------------------------------- unroll lifecycle
     def start_unroll(self) -> None:
         super().start_unroll()
+        if self._scaler is not None and not isinstance(self.method, (EvolutionStrategies,
+                                                                      Reinforce)):
+            raise ConfigError(
+                self.name, "config.precision", "fp16",
+                "'bf16' or 'fp32' for an unrolled problem: a dynamic loss scale inside a "
+                "differentiated unroll would be differentiated too",
+            )
         if not self._graph_or_error().parents[self.name]:
             return  # nothing above differentiates through us: ordinary steps, no graph kept
         method = self.method
@@ -169,8 +177,7 @@ class IterativeProblem(Problem):
             super().step()
             return
         method = self.method
-        batch = self.get_batch()
-        self.cur_batch = batch
+        batch = self._draw_batches()
         if isinstance(method, Forward):
             self._forward_mode_step(batch)
         else:
@@ -211,26 +218,30 @@ class IterativeProblem(Problem):
 
     def _unrolled_update(
         self,
-        batch: Any,
+        batch: list[Any],
         theta: list[Tensor],
         state: list[dict[str, Tensor]],
         create_graph: bool,
         record: bool = False,
     ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        """Φ: one differentiable optimizer step from (θ, s) on ``batch``."""
+        """Φ: one differentiable optimizer step from (θ, s) on the step's micro-batches
+        (mean loss), with grad_callback and gradient clipping inside the step."""
         assert self._fopt is not None
         params = self.trainable_parameters()
         self._own = True
         try:
             with use_parameters(self.module, params, theta):
-                loss = self._loss_of(self.training_step(batch), record=record)
+                losses = self._batch_losses(batch, record=record)
         finally:
             self._own = False
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         grads = self._gradients(loss, theta, create_graph=create_graph)
         if not create_graph:
             grads = [g.detach() for g in grads]
         if record:
             grads = self._final_gradients(grads, theta)
+        if self.config.gradient_clipping is not None:
+            grads = clip_by_total_norm(grads, self.config.gradient_clipping)
         new_theta, new_state = self._fopt.step(theta, grads, state, self._hyper(params))
         return list(new_theta), list(new_state)
 
@@ -291,7 +302,7 @@ class IterativeProblem(Problem):
             ]
         self._theta = [t.detach().requires_grad_() for t in self._theta]
 
-    def _forward_mode_step(self, batch: Any) -> None:
+    def _forward_mode_step(self, batch: list[Any]) -> None:
         assert self._theta is not None
         theta = self._theta
         state = [{k: (s.detach().requires_grad_() if torch.is_floating_point(s) else s)
@@ -409,10 +420,12 @@ class IterativeProblem(Problem):
         params = self.trainable_parameters()
         for batch, rng in self._es_steps:
             torch.set_rng_state(rng)
-            loss = self._loss_of(self.training_step(batch))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
+            grads, _ = self._accumulated_gradients(batches, params)
+            if self.config.gradient_clipping is not None:
+                grads = clip_by_total_norm(grads, self.config.gradient_clipping)
             for p, g in zip(params, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
+                p.grad = g
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()

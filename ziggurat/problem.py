@@ -20,11 +20,16 @@ from .errors import ConfigError, HypergradientError, ZigguratError
 from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
 from .registry import Family, Method
 from .snapshot import Snapshot
+from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
 
 if TYPE_CHECKING:
     from .graph import ProgramGraph
 
 TrainingStepFn = Callable[["Problem", Any], Any]
+
+
+class MicroBatches(list[Any]):
+    """The micro-batches of one accumulated step (``cur_batch`` under accumulation)."""
 
 
 class Problem:
@@ -82,6 +87,7 @@ class Problem:
         self._stream: BatchStream | None = None
         self._snapshot: Snapshot | None = None
         self._initialized = False
+        self._scaler: DynamicLossScaler | None = None
 
     #: which family of methods this kind of problem uses (see ``zg.registry``)
     method_family: Family = "implicit"
@@ -249,6 +255,14 @@ class Problem:
         if self.train_data_loader is None:
             self.train_data_loader = self.configure_train_data_loader()
         self._stream = BatchStream(self.train_data_loader, self.name, self._end_epoch)
+        if self.config.precision == "fp16":
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    self.name, "config.precision", "fp16",
+                    f"'bf16' or 'fp32' for parameters on {self.device.type}: fp16 with loss "
+                    f"scaling is for CUDA; bf16 needs no scaling and works on CPU and CUDA",
+                )
+            self._scaler = DynamicLossScaler()
         self._initialized = True
 
     def _end_epoch(self) -> None:
@@ -277,22 +291,109 @@ class Problem:
             self._snapshot = None
 
     def step(self) -> None:
-        """One step: batch, loss, gradient (with hypergradients), optimizer, scheduler."""
-        batch = self.get_batch()
-        self.cur_batch = batch
-        loss = self._loss_of(self.training_step(batch), record=True)
+        """One step: batch(es), loss, gradient (with hypergradients), optimizer, scheduler.
+
+        With ``gradient_accumulation`` = n the step draws n micro-batches and uses the mean
+        of their gradients (each micro-batch is differentiated on its own), the
+        hypergradient once on the mean vectors, then clipping and one optimizer step.
+        """
         params = self.trainable_parameters()
-        grads = self._final_gradients(self._gradients(loss, params), params)
+        batches = self._draw_batches()
+        own, vectors = self._accumulated_gradients(batches, params)
+        if self._scaler is not None:
+            finite = linalg.all_finite(own) and all(
+                linalg.all_finite(v) for v in vectors.values())
+            self._scaler.update(finite)
+            if not finite:  # fp16 overflow: skip this step, the scale has been lowered
+                self.count += 1
+                return
+        grads = own
+        if vectors:
+            torch._foreach_add_(grads, self._hypergradient(vectors, params))
+        grads = self._final_gradients(grads, params)
+        if self.config.gradient_clipping is not None:
+            grads = clip_by_total_norm(grads, self.config.gradient_clipping)
         for p, g in zip(params, grads):
             p.grad = g
         self.before_optimizer_step(params)
         self.custom_optimizer_step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._step_scheduler()
         self.param_callback(params)
         for p in params:
             p.grad = None
         self.count += 1
+
+    # ----------------------------------------------------------------- step internals
+    @property
+    def device(self) -> torch.device:
+        """Device of the first trainable parameter (CPU when there is none)."""
+        params = self.trainable_parameters()
+        return params[0].device if params else torch.device("cpu")
+
+    def _draw_batches(self) -> list[Any]:
+        """The step's micro-batches; ``cur_batch`` is the batch, or all of them."""
+        n = self.config.gradient_accumulation
+        batches = [self.get_batch() for _ in range(n)]
+        self.cur_batch = batches[0] if n == 1 else MicroBatches(batches)
+        return batches
+
+    def _batch_losses(self, batches: Sequence[Any], record: bool) -> list[Tensor]:
+        """training_step on each micro-batch under this problem's autocast."""
+        losses = []
+        with autocast_for(self.config.precision, self.device):
+            for b in batches:
+                losses.append(self._loss_of(self.training_step(b), record=record))
+        if record:
+            self.last_loss = torch.stack([x.detach().float() for x in losses]).mean()
+        return losses
+
+    def _accumulated_gradients(
+        self, batches: Sequence[Any], params: list[Tensor]
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """Mean over micro-batches of ∂L/∂θ_self and of ∂L/∂θ_read for each read problem,
+        each micro-batch differentiated separately (unscaled if fp16 loss scaling is on)."""
+        scale = 1.0 if self._scaler is None else self._scaler.scale
+        weight = scale / len(batches)
+        own: list[Tensor] = []
+        vectors: dict[str, list[Tensor]] = {}
+        losses: list[Tensor] = []
+        for b in batches:
+            (loss,) = self._batch_losses([b], record=True)
+            losses.append(loss.detach().float())
+            part_own, part_vectors = self._raw_gradients(loss * weight, params)
+            if not own:
+                own, vectors = part_own, part_vectors
+            else:
+                torch._foreach_add_(own, part_own)
+                for name, vec in part_vectors.items():
+                    torch._foreach_add_(vectors[name], vec)
+        self.last_loss = torch.stack(losses).mean()
+        if scale != 1.0:
+            torch._foreach_div_(own, scale)
+            for vec in vectors.values():
+                torch._foreach_div_(vec, scale)
+        return own, vectors
+
+    def _step_scheduler(self) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(self._scheduler_metric())
+        else:
+            self.scheduler.step()
+
+    def _scheduler_metric(self) -> float:
+        key = self.config.scheduler_metric
+        if key == "loss":
+            if self.last_loss is None:
+                raise ZigguratError(f"problem '{self.name}' has no loss to feed its scheduler.")
+            return float(self.last_loss)
+        if key not in self.last_metrics:
+            raise ConfigError(
+                self.name, "config.scheduler_metric", key,
+                f"'loss' or a metric returned by training_step ({sorted(self.last_metrics)})",
+            )
+        return float(self.last_metrics[key])
 
     def _final_gradients(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
         """Apply ``grad_callback`` (checking what it returns)."""
@@ -338,28 +439,19 @@ class Problem:
             self.last_loss = loss.detach()
         return loss.reshape(())
 
-    def _gradients(
+    def _raw_gradients(
         self, loss: Tensor, params: list[Tensor], create_graph: bool = False
-    ) -> list[Tensor]:
-        """∂L/∂θ_self plus, for each hypergradient path, the carried-back vector.
-
-        With ``create_graph`` the direct part keeps its graph (unrolled problems); the
-        hypergradient part is always a constant.
-        """
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """∂L/∂θ_self (with its graph when ``create_graph``) and, for each problem this one
+        reads, the vector ∂L/∂θ_read (always a constant), in one backward pass."""
         graph = self._graph_or_error()
         read = list(graph.reads[self.name])
         read_params = [self._others[c].read_parameters() for c in read]
         inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
-            return []
+            return [], {}
         raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
-        if create_graph:
-            raw = raw[:len(params)] + tuple(
-                None if g is None else g.detach() for g in raw[len(params):]
-            )
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-        if not read:
-            return grads
         vectors: dict[str, list[Tensor]] = {}
         offset = len(params)
         for name, ps in zip(read, read_params):
@@ -371,8 +463,15 @@ class Problem:
                     f"'{name}', although l2u says it reads them; use self.{name}(...) in "
                     f"training_step without detaching, or remove the l2u edge."
                 )
-            vectors[name] = [torch.zeros_like(p) if g is None else g
+            vectors[name] = [torch.zeros_like(p) if g is None else g.detach()
                              for p, g in zip(ps, chunk)]
+        return grads, vectors
+
+    def _hypergradient(
+        self, vectors: Mapping[str, list[Tensor]], params: list[Tensor]
+    ) -> list[Tensor]:
+        """Σ over hypergradient paths of the vectors carried back to this problem."""
+        graph = self._graph_or_error()
         hyper = [torch.zeros_like(p) for p in params]
         for path in graph.paths[self.name]:
             vec = vectors[path[-1]]
@@ -390,7 +489,17 @@ class Problem:
                 f"learning rates, add CG damping, or check the Neumann alpha of the problems "
                 f"below it."
             )
-        torch._foreach_add_(grads, hyper)
+        return hyper
+
+    def _gradients(
+        self, loss: Tensor, params: list[Tensor], create_graph: bool = False
+    ) -> list[Tensor]:
+        """∂L/∂θ_self plus, for each hypergradient path, the carried-back vector (a
+        constant; the direct part keeps its graph when ``create_graph``)."""
+        grads, vectors = self._raw_gradients(loss, params, create_graph)
+        if vectors:
+            hyper = self._hypergradient(vectors, params)
+            grads = [g + h for g, h in zip(grads, hyper)]
         return grads
 
     def best_response_vjp(
@@ -425,13 +534,21 @@ class ImplicitProblem(Problem):
         return InnerObjective(
             params=self.trainable_parameters(),
             upper_params=upper.read_parameters(),
-            loss=lambda: self._loss_of(self.training_step(batch)),
+            loss=lambda: self._recomputed_loss(batch),
             optimizer=self.optimizer,
             state=self.method_state,
             name=self.name,
             upper_name=upper.name,
             key=key,
         )
+
+    def _recomputed_loss(self, batch: Any) -> Tensor:
+        """L_in on the step's batch (the mean over its micro-batches), autocast off: the
+        hypergradient arithmetic runs in the parameters' dtype."""
+        batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
+        with full_precision(self.device):
+            losses = [self._loss_of(self.training_step(b)) for b in batches]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def best_response_vjp(
         self, v: list[Tensor], upper: Problem, key: Hashable = None
