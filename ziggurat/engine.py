@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import EngineConfig
 from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
@@ -118,9 +119,18 @@ class Engine:
         return None
 
     def run(self) -> None:
-        """Run ``config.train_iters`` iterations with validation and early stopping."""
+        """Run until ``config.train_iters`` iterations, with validation, early stopping and
+        checkpoints; with ``resume`` continue from the newest checkpoint first."""
         cfg = self.config
-        for _ in range(cfg.train_iters):
+        manager = None
+        if cfg.checkpoint_dir is not None:
+            manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
+            if cfg.resume:
+                found = manager.load_latest()
+                if found is not None:
+                    self.load_state_dict(found[0])
+        due = False
+        while self.global_step < cfg.train_iters and not self.stopped_early:
             self.train_step()
             if cfg.log_step is not None and self.global_step % cfg.log_step == 0:
                 self.log()
@@ -130,7 +140,57 @@ class Engine:
                     self.validation_history.append((self.global_step, dict(metrics)))
                     if self._should_stop(metrics):
                         self.stopped_early = True
-                        break
+            if manager is not None and cfg.checkpoint_step is not None:
+                due = due or self.global_step % cfg.checkpoint_step == 0
+                if due and self.checkpointable:
+                    manager.save(self.state_dict(), self.global_step)
+                    due = False
+        for problem in self.problems:
+            problem.sync()
+        if manager is not None and self.checkpointable:
+            manager.save(self.state_dict(), self.global_step)
+
+    # ----------------------------------------------------------------- checkpointing
+    @property
+    def checkpointable(self) -> bool:
+        """True at iteration boundaries where no problem holds an open unroll graph."""
+        return all(p.checkpointable for p in self.problems)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole program: every problem's state, the schedule, validation and RNGs."""
+        return {
+            "global_step": self.global_step,
+            "pending": [[u, c, n] for (u, c), n in self._pending.items()],
+            "unroll_open": dict(self._unroll_open),
+            "best": self._best,
+            "bad_validations": self._bad_validations,
+            "stopped_early": self.stopped_early,
+            "validation_history": [
+                [step, {k: float(v) for k, v in metrics.items()}]
+                for step, metrics in self.validation_history
+            ],
+            "rng": rng_state(),
+            "problems": {p.name: p.state_dict() for p in self.problems},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (the same program, built the same way)."""
+        names = set(state["problems"])
+        if names != set(self._by_name):
+            raise ZigguratError(
+                f"the checkpoint holds problems {sorted(names)} but this program has "
+                f"{sorted(self._by_name)}; resume with the program that wrote it."
+            )
+        for name, problem_state in state["problems"].items():
+            self._by_name[name].load_state_dict(problem_state)
+        self.global_step = int(state["global_step"])
+        self._pending = {(u, c): int(n) for u, c, n in state["pending"]}
+        self._unroll_open = {k: bool(v) for k, v in state["unroll_open"].items()}
+        self._best = state["best"]
+        self._bad_validations = int(state["bad_validations"])
+        self.stopped_early = bool(state["stopped_early"])
+        self.validation_history = [(int(s), dict(m)) for s, m in state["validation_history"]]
+        set_rng_state(state["rng"])
 
     def _should_stop(self, metrics: Mapping[str, Any]) -> bool:
         cfg = self.config

@@ -18,6 +18,7 @@ hypergradients as constants (they are not differentiated again).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
 from .optim import FunctionalOptimizer, from_torch, write_back
-from .problem import MicroBatches, Problem
+from .problem import Problem
 from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import clip_by_total_norm
@@ -60,8 +61,8 @@ class IterativeProblem(Problem):
         self._own = False  # evaluating our own loss (module computes with θ_k)
         self._unroll_step = 0
         self._tangents: dict[str, list[tuple[list[Tensor], list[dict[str, Tensor]]]]] = {}
-        self._es_start: tuple[Snapshot, Any] | None = None
-        self._es_steps: list[tuple[Any, Tensor]] = []
+        self._es_start: tuple[Snapshot, Any, list[dict[str, Any]]] | None = None
+        self._es_steps: list[tuple[list[Any], tuple[Tensor, list[Tensor]]]] = []
         self._es_calls = 0
         self._log_probs: list[Tensor] = []
         self._unroll_open = False
@@ -92,6 +93,13 @@ class IterativeProblem(Problem):
             self._proxies = [t.detach().requires_grad_() for t in self._theta]
         return self._proxies
 
+    def as_read(self, clone: bool = False) -> AbstractContextManager[Any]:
+        """Within an unroll, others see θ_K through the stand-in leaves (so ``self.inner(x)``
+        and ``self.inner.module`` agree); otherwise as an ordinary problem."""
+        if self._theta is None:
+            return super().as_read(clone)
+        return use_parameters(self.module, self.trainable_parameters(), self.read_parameters())
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._own or self._theta is None:
             return self.module(*args, **kwargs)
@@ -111,13 +119,20 @@ class IterativeProblem(Problem):
         if not self._graph_or_error().parents[self.name]:
             return  # nothing above differentiates through us: ordinary steps, no graph kept
         method = self.method
+        if isinstance(method, EvolutionStrategies | Reinforce):
+            for hook in ("initial_parameters", "optimizer_hyperparameters"):
+                if getattr(type(self), hook) is not getattr(IterativeProblem, hook):
+                    raise ConfigError(
+                        self.name, "config.type", method.name,
+                        f"'reverse' or 'forward' when {hook}() is overridden: {method.name} "
+                        f"takes ordinary torch steps, which cannot use it",
+                    )
         if isinstance(method, Reinforce):
             self._log_probs = []
             self._unroll_open = True
             return
         if isinstance(method, EvolutionStrategies):
-            scheduler_state = None if self.scheduler is None else self.scheduler.state_dict()
-            self._es_start = (Snapshot(self.module, self.optimizer), scheduler_state)
+            self._es_start = self._training_state()
             self._es_steps = []
             return
         params = self.trainable_parameters()
@@ -138,12 +153,20 @@ class IterativeProblem(Problem):
                 theta = [t if t.requires_grad else t.detach().clone().requires_grad_()
                          for t in theta]
         self._fopt, self._fstate, _ = from_torch(self.optimizer, params)
+        if not any(self.optimizer.state.get(p) for p in params):
+            # never stepped: build the state from the settings in force (overrides included)
+            self._fstate = list(self._fopt.init_state(params, self._hyper(params)))
         self._theta = theta
         self._proxies = None
         self._unroll_step = 0
         self._sync_module()
         if isinstance(method, Forward):
             self._start_tangents(method, start is not None)
+
+    @property
+    def checkpointable(self) -> bool:
+        """Not while an unroll is open: its graph (or its recorded draws) cannot be saved."""
+        return self._theta is None and self._es_start is None and not self._unroll_open
 
     def end_unroll(self) -> None:
         """Write θ_K and the optimizer state back, release the graph, then roll back."""
@@ -167,13 +190,15 @@ class IterativeProblem(Problem):
                 p.copy_(t)
 
     # ----------------------------------------------------------------- one step
+    def _draw_batches(self) -> list[Any]:
+        batches = super()._draw_batches()
+        if self._es_start is not None:  # record what a re-run of this step needs
+            self._es_steps.append((batches, _all_rng_states()))
+        return batches
+
     def step(self) -> None:
-        if isinstance(self.method, EvolutionStrategies) and self._es_start is not None:
-            self._es_steps.append((None, torch.get_rng_state()))
-            super().step()
-            self._es_steps[-1] = (self.cur_batch, self._es_steps[-1][1])
-            return
         if self._theta is None:  # warm-up, sampling (reinforce) and es: ordinary steps
+            self._apply_overrides()
             super().step()
             return
         method = self.method
@@ -198,10 +223,39 @@ class IterativeProblem(Problem):
         self._proxies = None
         self._unroll_step += 1
         self._sync_module()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._apply_overrides()
+        self._step_scheduler()
         self.param_callback(self.trainable_parameters())
         self.count += 1
+
+    def _apply_overrides(self) -> None:
+        """Show ``optimizer_hyperparameters()`` in the torch param groups (as numbers), so
+        ordinary steps and anyone reading the groups use the values in force."""
+        override = self.optimizer_hyperparameters()
+        if not override:
+            return
+        values = {k: (float(v.detach()) if isinstance(v, Tensor) else v)
+                  for k, v in override.items()}
+        for group in self.optimizer.param_groups:
+            betas = list(group.get("betas", (0.0, 0.0)))
+            for key, value in values.items():
+                if key == "beta1":
+                    betas[0] = value
+                elif key == "beta2":
+                    betas[1] = value
+                elif key == "betas" and isinstance(value, tuple | list):
+                    betas = [float(b) for b in value]
+                else:
+                    group[key] = value
+            if "betas" in group:
+                group["betas"] = tuple(betas)
+
+    def sync(self) -> None:
+        """Write the open unroll's θ and optimizer state into the module and the torch
+        optimizer (the unroll itself stays open)."""
+        if self._theta is not None:
+            self._sync_module()
+            write_back(self.optimizer, self.trainable_parameters(), self._fstate)
 
     def _hyper(self, params: Sequence[Tensor]) -> list[dict[str, float | Tensor]]:
         """Per-parameter optimizer settings: the param groups (read now, so schedulers
@@ -209,6 +263,10 @@ class IterativeProblem(Problem):
         assert self._fopt is not None
         groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         override = dict(self.optimizer_hyperparameters())
+        if "betas" in override:  # the functional optimizers take beta1 / beta2
+            beta1, beta2 = override.pop("betas")  # type: ignore[misc]
+            override.setdefault("beta1", beta1)
+            override.setdefault("beta2", beta2)
         out = []
         for p in params:
             hyper = self._fopt.hyper_from_group(groups[id(p)])
@@ -231,7 +289,9 @@ class IterativeProblem(Problem):
         self._own = True
         try:
             with use_parameters(self.module, params, theta):
-                losses = self._batch_losses(batch, record=record)
+                # the other problems' parameters enter the graph as copies: their owners may
+                # update them in place before this unroll is differentiated
+                losses = self._batch_losses(batch, record=record, clone_others=True)
         finally:
             self._own = False
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
@@ -378,8 +438,8 @@ class IterativeProblem(Problem):
                 f"evolution strategies through '{self.name}' need a recorded unroll; step "
                 f"problems through zg.Engine."
             )
-        final = Snapshot(self.module, self.optimizer)
-        final_scheduler = None if self.scheduler is None else self.scheduler.state_dict()
+        final = self._training_state()
+        bookkeeping = (self.count, self.last_loss, dict(self.last_metrics))
         saved_lam = [t.detach().clone() for t in lam]
         generator = torch.Generator().manual_seed(method.seed + self._es_calls)
         self._es_calls += 1
@@ -405,32 +465,44 @@ class IterativeProblem(Problem):
             with torch.no_grad():
                 for t, s in zip(lam, saved_lam):
                     t.copy_(s)
-            final.restore()
-            if self.scheduler is not None and final_scheduler is not None:
-                self.scheduler.load_state_dict(final_scheduler)
+            self._restore_training_state(final)
+            self.count, self.last_loss, self.last_metrics = bookkeeping
         return estimate
 
-    def _es_replay(self) -> None:
-        """Re-run the recorded lower steps (same batches, same random numbers)."""
-        assert self._es_start is not None
-        snapshot, scheduler_state = self._es_start
+    def _training_state(self) -> tuple[Snapshot, Any, list[dict[str, Any]]]:
+        """Module, optimizer state, scheduler state and the param groups' settings."""
+        scheduler_state = None if self.scheduler is None else self.scheduler.state_dict()
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in self.optimizer.param_groups]
+        return Snapshot(self.module, self.optimizer), scheduler_state, groups
+
+    def _restore_training_state(self, state: tuple[Snapshot, Any, list[dict[str, Any]]]
+                                ) -> None:
+        snapshot, scheduler_state, groups = state
         snapshot.restore()
         if self.scheduler is not None and scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
-        params = self.trainable_parameters()
-        for batch, rng in self._es_steps:
-            torch.set_rng_state(rng)
-            batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
-            grads, _ = self._accumulated_gradients(batches, params)
-            if self.config.gradient_clipping is not None:
-                grads = clip_by_total_norm(grads, self.config.gradient_clipping)
-            for p, g in zip(params, grads):
-                p.grad = g
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            for p in params:
-                p.grad = None
+        for group, saved in zip(self.optimizer.param_groups, groups):
+            group.update(saved)
+
+    def _es_replay(self) -> None:
+        """Re-run the recorded lower steps through the ordinary step (same batches, same
+        random numbers, every hook), from the state at the start of the unroll."""
+        assert self._es_start is not None
+        self._restore_training_state(self._es_start)
+        for batches, rng in self._es_steps:
+            _set_all_rng_states(rng)
+            Problem._step_on(self, batches)
+
+def _all_rng_states() -> tuple[Tensor, list[Tensor]]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return torch.get_rng_state(), cuda
+
+
+def _set_all_rng_states(states: tuple[Tensor, list[Tensor]]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1]:
+        torch.cuda.set_rng_state_all(states[1])
 
 
 def _basis(lam: Sequence[Tensor], index: int) -> list[Tensor]:

@@ -9,6 +9,7 @@ each problem steps; a problem never steps another.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,7 @@ from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
 from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
+from .unrolled.reparam import use_parameters
 
 if TYPE_CHECKING:
     from .graph import ProgramGraph
@@ -171,6 +173,22 @@ class Problem:
         """All of the module's parameters."""
         return list(self.module.parameters())
 
+    def as_read(self, clone: bool = False) -> AbstractContextManager[Any]:
+        """How this problem's module looks to another problem evaluating its loss: itself,
+        or (``clone``) with its parameters replaced by differentiable copies, so a graph
+        that outlives the evaluation survives in-place updates of the originals."""
+        if not clone:
+            return nullcontext()
+        params = self.trainable_parameters()
+        return use_parameters(self.module, params, [p.clone() for p in params])
+
+    def _others_view(self, clone: bool = False) -> ExitStack:
+        """Every other problem as seen from this one's loss (``as_read`` of each)."""
+        stack = ExitStack()
+        for other in self._others.values():
+            stack.enter_context(other.as_read(clone))
+        return stack
+
     def read_parameters(self) -> list[Tensor]:
         """The tensors other problems differentiate with respect to when they read this one
         (its trainable parameters; an IterativeProblem substitutes its unrolled values)."""
@@ -280,6 +298,59 @@ class Problem:
         if self.config.roll_back:
             self._snapshot = Snapshot(self.module, self.optimizer)
 
+    def sync(self) -> None:
+        """Bring the module and optimizer up to date with any state held elsewhere (called
+        by the engine when a run ends; nothing to do for an ordinary problem)."""
+
+    # ----------------------------------------------------------------- checkpointing
+    @property
+    def checkpointable(self) -> bool:
+        """Whether the problem's whole state can be saved now (no unroll graph is open)."""
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this problem exactly: module, optimizer,
+        scheduler, loss scale, counters, data position, method state, roll-back snapshot
+        and the latest batch (when it is made of tensors and plain values)."""
+        from .checkpoint import is_plain
+
+        batch = list(self.cur_batch) if isinstance(self.cur_batch, MicroBatches) else (
+            self.cur_batch)
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if self._scaler is None else self._scaler.state_dict(),
+            "count": self.count,
+            "epoch": self.epoch,
+            "stream": None if self._stream is None else self._stream.state_dict(),
+            "method_state": self.method_state,
+            "snapshot": None if self._snapshot is None else self._snapshot.state_dict(),
+            "cur_batch": batch if is_plain(batch) else None,
+            "cur_batch_micro": isinstance(self.cur_batch, MicroBatches),
+            "last_loss": self.last_loss,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (tensors go to the parameters' device)."""
+        device = self.device
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self._scaler is not None and state["scaler"] is not None:
+            self._scaler.load_state_dict(state["scaler"])
+        self.count = int(state["count"])
+        self.epoch = int(state["epoch"])
+        if self._stream is not None and state["stream"] is not None:
+            self._stream.load_state_dict(state["stream"])
+        self.method_state = _to_device(dict(state["method_state"]), device)
+        self._snapshot = None if state["snapshot"] is None else Snapshot.from_state_dict(
+            self.module, self.optimizer, _to_device(state["snapshot"], device))
+        batch = state["cur_batch"]
+        self.cur_batch = MicroBatches(batch) if state["cur_batch_micro"] else batch
+        self.last_loss = state["last_loss"]
+
     def end_unroll(self) -> None:
         """Called once the upper problems have stepped: the unroll is over (roll back)."""
         self.roll_back()
@@ -297,8 +368,11 @@ class Problem:
         of their gradients (each micro-batch is differentiated on its own), the
         hypergradient once on the mean vectors, then clipping and one optimizer step.
         """
+        self._step_on(self._draw_batches())
+
+    def _step_on(self, batches: list[Any]) -> None:
+        """The step after its batches are drawn (also what re-runs of a step execute)."""
         params = self.trainable_parameters()
-        batches = self._draw_batches()
         own, vectors = self._accumulated_gradients(batches, params)
         if self._scaler is not None:
             finite = linalg.all_finite(own) and all(
@@ -337,14 +411,17 @@ class Problem:
         self.cur_batch = batches[0] if n == 1 else MicroBatches(batches)
         return batches
 
-    def _batch_losses(self, batches: Sequence[Any], record: bool) -> list[Tensor]:
-        """training_step on each micro-batch under this problem's autocast."""
+    def _batch_losses(
+        self, batches: Sequence[Any], record: bool, clone_others: bool = False
+    ) -> list[Tensor]:
+        """training_step on each micro-batch under this problem's autocast, with the other
+        problems as they are read (``as_read``)."""
         losses = []
-        with autocast_for(self.config.precision, self.device):
+        with autocast_for(self.config.precision, self.device), self._others_view(clone_others):
             for b in batches:
                 losses.append(self._loss_of(self.training_step(b), record=record))
         if record:
-            self.last_loss = torch.stack([x.detach().float() for x in losses]).mean()
+            self.last_loss = _mean_loss(losses)
         return losses
 
     def _accumulated_gradients(
@@ -359,7 +436,7 @@ class Problem:
         losses: list[Tensor] = []
         for b in batches:
             (loss,) = self._batch_losses([b], record=True)
-            losses.append(loss.detach().float())
+            losses.append(loss)
             part_own, part_vectors = self._raw_gradients(loss * weight, params)
             if not own:
                 own, vectors = part_own, part_vectors
@@ -367,7 +444,7 @@ class Problem:
                 torch._foreach_add_(own, part_own)
                 for name, vec in part_vectors.items():
                     torch._foreach_add_(vectors[name], vec)
-        self.last_loss = torch.stack(losses).mean()
+        self.last_loss = _mean_loss(losses)
         if scale != 1.0:
             torch._foreach_div_(own, scale)
             for vec in vectors.values():
@@ -423,7 +500,8 @@ class Problem:
                 )
             loss = out["loss"]
             if record:
-                self.last_metrics = {k: v for k, v in out.items() if k != "loss"}
+                self.last_metrics = {k: v.detach() if isinstance(v, Tensor) else v
+                                     for k, v in out.items() if k != "loss"}
         else:
             loss = out
             if record:
@@ -451,7 +529,9 @@ class Problem:
         if not inputs:
             return [], {}
         raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        # autograd may hand back expanded (stride-0) views, which in-place sums cannot take
+        grads = [torch.zeros_like(p) if g is None else g if g.is_contiguous() else
+                 g.contiguous() for p, g in zip(params, raw)]
         vectors: dict[str, list[Tensor]] = {}
         offset = len(params)
         for name, ps in zip(read, read_params):
@@ -463,7 +543,7 @@ class Problem:
                     f"'{name}', although l2u says it reads them; use self.{name}(...) in "
                     f"training_step without detaching, or remove the l2u edge."
                 )
-            vectors[name] = [torch.zeros_like(p) if g is None else g.detach()
+            vectors[name] = [torch.zeros_like(p) if g is None else g.detach().contiguous()
                              for p, g in zip(ps, chunk)]
         return grads, vectors
 
@@ -546,7 +626,7 @@ class ImplicitProblem(Problem):
         """L_in on the step's batch (the mean over its micro-batches), autocast off: the
         hypergradient arithmetic runs in the parameters' dtype."""
         batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
-        with full_precision(self.device):
+        with full_precision(self.device), self._others_view():
             losses = [self._loss_of(self.training_step(b)) for b in batches]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
@@ -572,3 +652,22 @@ class ImplicitProblem(Problem):
             self._graph.parents[self.name]
         ):
             method.before_optimizer_step(self.optimizer, params, self.method_state)
+
+
+def _mean_loss(losses: Sequence[Tensor]) -> Tensor:
+    """Detached mean of a step's micro-batch losses (half precision widened to float32)."""
+    values = [x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
+              for x in losses]
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor moved to ``device`` (containers rebuilt)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
