@@ -6,6 +6,7 @@ naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -145,6 +146,11 @@ class EngineConfig:
         early_stopping_min_delta: smallest change that counts as an improvement.
         log_step: print each problem's latest loss and metrics every this many iterations
             (None: never).
+        checkpoint_dir: folder for checkpoints (``ckpt-<step>.pt``); None: no checkpoints.
+        checkpoint_step: save every this many iterations (at the first iteration boundary
+            where no unrolled problem holds an open unroll), and at the end of the run.
+        keep_last: how many checkpoints to keep.
+        resume: continue from the newest readable checkpoint in checkpoint_dir, if any.
 
     Example:
         >>> import ziggurat as zg
@@ -159,6 +165,10 @@ class EngineConfig:
     early_stopping_patience: int = 5
     early_stopping_min_delta: float = 0.0
     log_step: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_step: int | None = None
+    keep_last: int = 3
+    resume: bool = False
 
     def __post_init__(self) -> None:
         check_int("EngineConfig", "train_iters", self.train_iters, 1)
@@ -183,3 +193,15 @@ class EngineConfig:
             )
         check_int("EngineConfig", "early_stopping_patience", self.early_stopping_patience, 1)
         check_float("EngineConfig", "early_stopping_min_delta", self.early_stopping_min_delta)
+        if self.checkpoint_dir is not None and not (
+            isinstance(self.checkpoint_dir, str | os.PathLike) and str(self.checkpoint_dir)
+        ):
+            raise ConfigError("EngineConfig", "checkpoint_dir", self.checkpoint_dir,
+                              "None or a folder path")
+        check_int("EngineConfig", "checkpoint_step", self.checkpoint_step, 1, allow_none=True)
+        check_int("EngineConfig", "keep_last", self.keep_last, 1)
+        check_bool("EngineConfig", "resume", self.resume)
+        for name in ("checkpoint_step", "resume"):
+            if getattr(self, name) not in (None, False) and self.checkpoint_dir is None:
+                raise ConfigError("EngineConfig", "checkpoint_dir", None,
+                                  f"a folder path when {name} is set")

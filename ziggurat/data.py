@@ -39,18 +39,34 @@ class BatchStream:
             [] if data is None else list(data) if is_loader_group(data) else [data]
         )
         self._iterators: list[Iterator[Any] | None] = [None] * len(self.sources)
+        # for resuming: the random state each pass started from, and batches drawn since
+        self._starts: list[dict[str, Any] | None] = [None] * len(self.sources)
+        self._positions = [0] * len(self.sources)
         self._on_epoch_end = on_epoch_end
         self.epoch = 0
+
+    def _start_pass(self, i: int) -> Iterator[Any]:
+        source = self.sources[i]
+        generator = getattr(source, "generator", None)
+        self._starts[i] = {
+            "torch": torch.get_rng_state(),
+            "generator": generator.get_state() if isinstance(generator, torch.Generator)
+            else None,
+        }
+        self._positions[i] = 0
+        return iter(source)
 
     def _next_from(self, i: int) -> Any:
         it = self._iterators[i]
         if it is None:
-            it = self._iterators[i] = iter(self.sources[i])
+            it = self._iterators[i] = self._start_pass(i)
         try:
-            return next(it)
+            batch = next(it)
+            self._positions[i] += 1
+            return batch
         except StopIteration:
             pass
-        fresh = iter(self.sources[i])
+        fresh = self._start_pass(i)
         try:
             batch = next(fresh)
         except StopIteration:
@@ -58,11 +74,44 @@ class BatchStream:
                 self.owner, "train_data_loader", "an empty loader",
                 "a loader that yields at least one batch",
             ) from None
+        self._positions[i] = 1
         self._iterators[i] = fresh
         if i == 0:
             self.epoch += 1
             self._on_epoch_end()
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where each loader stands: its pass's starting random state and batches drawn."""
+        return {"epoch": self.epoch,
+                "sources": [{"start": s, "position": n}
+                            for s, n in zip(self._starts, self._positions)]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Recreate each loader's current pass from its starting random state and skip the
+        batches already drawn (the program's RNG is left as it was)."""
+        if len(state["sources"]) != len(self.sources):
+            raise ConfigError(self.owner, "train_data_loader", f"{len(self.sources)} loaders",
+                              f"the {len(state['sources'])} loaders the checkpoint was made with")
+        self.epoch = int(state["epoch"])
+        current = torch.get_rng_state()
+        try:
+            for i, entry in enumerate(state["sources"]):
+                start, position = entry["start"], int(entry["position"])
+                self._starts[i], self._positions[i] = start, position
+                if start is None:
+                    self._iterators[i] = None
+                    continue
+                torch.set_rng_state(start["torch"])
+                generator = getattr(self.sources[i], "generator", None)
+                if start["generator"] is not None and isinstance(generator, torch.Generator):
+                    generator.set_state(start["generator"])
+                it = iter(self.sources[i])
+                for _ in range(position):
+                    next(it)
+                self._iterators[i] = it
+        finally:
+            torch.set_rng_state(current)
 
     def next(self) -> Any:
         """The next batch (None when the problem has no data)."""

@@ -32,6 +32,24 @@ class Snapshot:
     def _module_tensors(self) -> list[Tensor]:
         return [*self.module.parameters(), *self.module.buffers()]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The saved values, optimizer state keyed by parameter position (checkpointable)."""
+        index = {id(p): i for i, p in enumerate(self.module.parameters())}
+        return {"tensors": self.tensors,
+                "opt_state": {index[id(p)]: s for p, s in self.opt_state.items()
+                              if id(p) in index}}
+
+    @classmethod
+    def from_state_dict(cls, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                        state: dict[str, Any]) -> Snapshot:
+        """Rebuild a snapshot of ``module`` / ``optimizer`` from ``state_dict()``."""
+        snap = cls.__new__(cls)
+        snap.module, snap.optimizer = module, optimizer
+        snap.tensors = list(state["tensors"])
+        params = list(module.parameters())
+        snap.opt_state = {params[int(i)]: s for i, s in state["opt_state"].items()}
+        return snap
+
     def restore(self) -> None:
         """Put the saved values back (parameters keep their identity)."""
         with torch.no_grad():

@@ -24,6 +24,7 @@ Any other optimizer raises an error (never a silent zero or a silent SGD fallbac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -145,13 +146,14 @@ class SAMA(HypergradMethod):
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
-        """Record, per parameter, SGD's coefficient or the Adam step's inputs (by id)."""
+        """Record, per parameter (by position), SGD's coefficient or the Adam step's inputs,
+        as plain values and tensors (so the record can be checkpointed)."""
         opt = _unwrap(optimizer)
         name = state.get("problem_name", "inner")
         _check_supported(opt, name)
         groups = _group_of(opt)
-        record: dict[int, float | AdamStep] = {}
-        for p in params:
+        record: dict[int, float | dict[str, Any]] = {}
+        for index, p in enumerate(params):
             group = groups.get(id(p))
             if group is None or p.grad is None:
                 continue
@@ -162,9 +164,9 @@ class SAMA(HypergradMethod):
                 )
             if type(opt) is torch.optim.SGD:
                 buf = opt.state.get(p, {}).get("momentum_buffer")
-                record[id(p)] = _sgd_coefficient(group, first_step=buf is None)
+                record[index] = _sgd_coefficient(group, first_step=buf is None)
             else:
-                record[id(p)] = _adam_step(opt, group, p)
+                record[index] = dataclasses.asdict(_adam_step(opt, group, p))
         state["sama"] = record
 
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
@@ -174,14 +176,14 @@ class SAMA(HypergradMethod):
                 f"its steps taken through ziggurat before a hypergradient is asked for."
             )
         opt = _unwrap(objective.optimizer)
-        record: dict[int, float | AdamStep] = objective.state["sama"]
+        record: dict[int, float | dict[str, Any]] = objective.state["sama"]
         out: TensorList = []
-        for p, vi in zip(objective.params, v):
-            rec = record.get(id(p))
+        for index, (p, vi) in enumerate(zip(objective.params, v)):
+            rec = record.get(index)
             if rec is None:
                 out.append(torch.zeros_like(vi))
-            elif isinstance(rec, AdamStep):
-                out.append(vi * adam_update_jacobian(rec, opt.state[p]))
+            elif isinstance(rec, dict):
+                out.append(vi * adam_update_jacobian(AdamStep(**rec), opt.state[p]))
             else:
                 out.append(vi * rec)
         return out
