@@ -407,13 +407,16 @@ def test_tensor_metric_is_accepted_for_early_stopping() -> None:
     assert engine.global_step == 3
 
 
-def test_log_step_prints_losses(capsys: pytest.CaptureFixture[str]) -> None:
-    engine, _upper, _lower = scripted(zg.EngineConfig(train_iters=4, log_step=2), [])
+def test_log_step_writes_one_console_line_per_problem(capsys: pytest.CaptureFixture[str]) -> None:
+    engine, _upper, _lower = scripted(
+        zg.EngineConfig(train_iters=4, log_step=2, summary=False, progress="off"), [])
     engine.run()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("[step 2]") and lines[1].startswith("[step 4]")
-    assert "upper: loss=" in lines[0] and "lower: loss=" in lines[0]
+    assert len(lines) == 4  # two problems, at steps 2 and 4
+    assert [line.split()[:3] for line in lines] == [
+        ["[step", "2]", "upper:"], ["[step", "2]", "lower:"],
+        ["[step", "4]", "upper:"], ["[step", "4]", "lower:"]]
+    assert all("loss=" in line for line in lines)
 
 
 class Counting(torch.nn.Module):

@@ -8,6 +8,7 @@ each lower level are computed by its configured method (``Darts``, ``SAMA``, ``C
 
 from __future__ import annotations
 
+from . import checkpoint, logging, optim, render, seeding, systems
 from .config import Config, EngineConfig
 from .engine import Engine
 from .errors import ConfigError, GraphError, HypergradientError, ZigguratError
@@ -54,5 +55,11 @@ __all__ = [
     "__version__",
     "build_graph",
     "chain",
+    "checkpoint",
+    "logging",
+    "optim",
     "register",
+    "render",
+    "seeding",
+    "systems",
 ]

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from . import hypergrad as _hypergrad  # noqa: F401  (registers the implicit methods)
 from .errors import ConfigError
+from .logging.progress import PROGRESS_MODES
+from .logging.stream import check_sinks
 from .registry import REGISTRY, Method, resolve
 from .systems import PRECISIONS
 from .validation import check_bool, check_float, check_int
@@ -151,6 +153,14 @@ class EngineConfig:
             where no unrolled problem holds an open unroll), and at the end of the run.
         keep_last: how many checkpoints to keep.
         resume: continue from the newest readable checkpoint in checkpoint_dir, if any.
+        logger_type: where the metrics stream goes: one of, or a tuple of, "console",
+            "jsonl", "csv", "tensorboard", "wandb" (offline unless WANDB_MODE says
+            otherwise); training records every ``log_step`` iterations, validation records
+            whenever validation runs. Files go to ``log_dir/run_name/``.
+        log_dir, run_name: where file-writing loggers write.
+        progress: progress bar over iterations: "auto" (a bar on a terminal, plain lines
+            otherwise), "rich", "tqdm", "plain" or "off".
+        summary: print a one-screen summary of the program when ``run`` starts.
 
     Example:
         >>> import ziggurat as zg
@@ -169,6 +179,11 @@ class EngineConfig:
     checkpoint_step: int | None = None
     keep_last: int = 3
     resume: bool = False
+    logger_type: str | tuple[str, ...] = "console"
+    log_dir: str | None = None
+    run_name: str = "run"
+    progress: str = "auto"
+    summary: bool = True
 
     def __post_init__(self) -> None:
         check_int("EngineConfig", "train_iters", self.train_iters, 1)
@@ -201,6 +216,11 @@ class EngineConfig:
         check_int("EngineConfig", "checkpoint_step", self.checkpoint_step, 1, allow_none=True)
         check_int("EngineConfig", "keep_last", self.keep_last, 1)
         check_bool("EngineConfig", "resume", self.resume)
+        check_sinks(self.logger_type, self.log_dir, self.run_name)
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError("EngineConfig", "progress", self.progress,
+                              f"one of {PROGRESS_MODES}")
+        check_bool("EngineConfig", "summary", self.summary)
         for name in ("checkpoint_step", "resume"):
             if getattr(self, name) not in (None, False) and self.checkpoint_dir is None:
                 raise ConfigError("EngineConfig", "checkpoint_dir", None,

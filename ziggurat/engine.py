@@ -11,14 +11,19 @@ began.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from torch import Tensor
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import EngineConfig
 from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
+from .logging import MetricRecord, MetricsStream, Progress, make_sinks
 from .problem import Problem
+from .render import summary
 
 
 class Engine:
@@ -119,8 +124,9 @@ class Engine:
         return None
 
     def run(self) -> None:
-        """Run until ``config.train_iters`` iterations, with validation, early stopping and
-        checkpoints; with ``resume`` continue from the newest checkpoint first."""
+        """Run until ``config.train_iters`` iterations, with validation, early stopping,
+        metrics, progress and checkpoints; with ``resume`` continue from the newest
+        checkpoint first. Sinks and the progress bar are closed however the run ends."""
         cfg = self.config
         manager = None
         if cfg.checkpoint_dir is not None:
@@ -129,15 +135,41 @@ class Engine:
                 found = manager.load_latest()
                 if found is not None:
                     self.load_state_dict(found[0])
+        if cfg.summary:
+            print(summary(self.graph, self.problems), flush=True)
+        start = time.perf_counter()
+        progress = Progress(cfg.train_iters, cfg.progress, initial=self.global_step)
+        with MetricsStream(make_sinks(cfg.logger_type, cfg.log_dir, cfg.run_name,
+                                      _config_record(self))) as stream:
+            try:
+                self._run_loop(manager, stream, progress, start)
+            finally:
+                progress.close()
+        for problem in self.problems:
+            problem.sync()
+        if manager is not None and self.checkpointable:
+            manager.save(self.state_dict(), self.global_step)
+
+    def _run_loop(self, manager: CheckpointManager | None, stream: MetricsStream,
+                  progress: Progress, start: float) -> None:
+        cfg = self.config
         due = False
         while self.global_step < cfg.train_iters and not self.stopped_early:
             self.train_step()
             if cfg.log_step is not None and self.global_step % cfg.log_step == 0:
-                self.log()
+                for record in self._train_records(time.perf_counter() - start):
+                    stream.write(record)
+            progress.update(self.global_step, self._latest_losses())
             if cfg.valid_step is not None and self.global_step % cfg.valid_step == 0:
                 metrics = self.validation()
                 if metrics is not None:
                     self.validation_history.append((self.global_step, dict(metrics)))
+                    stream.write(MetricRecord(
+                        global_step=self.global_step, problem="engine", step=self.global_step,
+                        loss=float(metrics.get("loss", float("nan"))),
+                        metrics={k: v for k, v in metrics.items() if k != "loss"},
+                        lr=None, hypergrad_norm=None, wall_time=time.perf_counter() - start,
+                        kind="validation"))
                     if self._should_stop(metrics):
                         self.stopped_early = True
             if manager is not None and cfg.checkpoint_step is not None:
@@ -145,10 +177,25 @@ class Engine:
                 if due and self.checkpointable:
                     manager.save(self.state_dict(), self.global_step)
                     due = False
-        for problem in self.problems:
-            problem.sync()
-        if manager is not None and self.checkpointable:
-            manager.save(self.state_dict(), self.global_step)
+
+    def _latest_losses(self) -> dict[str, float]:
+        return {p.name: float(p.last_loss) for p in self.problems if p.last_loss is not None}
+
+    def _train_records(self, wall_time: float) -> list[MetricRecord]:
+        """One record per problem that has stepped: loss, metrics, lr, hypergradient norm."""
+        records = []
+        for p in self.problems:
+            if p.last_loss is None:
+                continue
+            metrics = {k: float(v) for k, v in p.last_metrics.items()
+                       if isinstance(v, int | float | Tensor) and not isinstance(v, bool)
+                       and (not isinstance(v, Tensor) or v.numel() == 1)}
+            records.append(MetricRecord(
+                global_step=self.global_step, problem=p.name, step=p.count,
+                loss=float(p.last_loss), metrics=metrics,
+                lr=float(p.optimizer.param_groups[0]["lr"]),
+                hypergrad_norm=p.last_hypergrad_norm, wall_time=wall_time, kind="train"))
+        return records
 
     # ----------------------------------------------------------------- checkpointing
     @property
@@ -218,20 +265,16 @@ class Engine:
         self._bad_validations += 1
         return self._bad_validations >= cfg.early_stopping_patience
 
-    def log(self) -> None:
-        """Print each problem's latest loss and metrics on one line."""
-        parts = [f"[step {self.global_step}]"]
-        for p in self.problems:
-            if p.last_loss is None:
-                continue
-            text = f"{p.name}: loss={float(p.last_loss):.6g}"
-            for k, v in p.last_metrics.items():
-                try:
-                    text += f" {k}={float(v):.6g}"
-                except (TypeError, ValueError):
-                    continue
-            parts.append(text)
-        print("  ".join(parts), flush=True)
+
+
+def _config_record(engine: Engine) -> dict[str, Any]:
+    """The program's settings, for loggers that keep a run configuration (wandb)."""
+    record: dict[str, Any] = {"engine": {k: v for k, v in vars(engine.config).items()}}
+    for p in engine.problems:
+        record[p.name] = {"class": type(p).__name__, "method": repr(p.method),
+                          "unroll_steps": p.config.unroll_steps,
+                          "optimizer": type(p.optimizer).__name__}
+    return record
 
 
 def _check_levels(problems: Sequence[Problem], graph: ProgramGraph) -> None:
