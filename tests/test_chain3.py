@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Vec
-from ridge import DTYPE, rel_err
 
 import ziggurat as zg
+
+from helpers import Vec
+from ridge import DTYPE, rel_err
 
 
 def _spd(n: int, cond: float, g: torch.Generator) -> torch.Tensor:

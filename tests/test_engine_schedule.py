@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Vec
 
 import ziggurat as zg
+
+from helpers import Vec
 
 DTYPE = torch.float64
 

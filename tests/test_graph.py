@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Vec
 
 import ziggurat as zg
+
+from helpers import Vec
 
 DTYPE = torch.float64
 

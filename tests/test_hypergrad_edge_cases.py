@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Vec
-from ridge import DTYPE, make_ridge, rel_err
 
 import ziggurat as zg
+
+from helpers import Vec
+from ridge import DTYPE, make_ridge, rel_err
 
 
 # --------------------------------------------------------------------------- singular H

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from ridge import DTYPE, Ridge, condition_number, make_ridge, rel_err
 
 import ziggurat as zg
+
+from ridge import DTYPE, Ridge, condition_number, make_ridge, rel_err
 
 CONDITIONS = [2.0, 40.0]
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import Vec
 from torch.utils.data import DataLoader, TensorDataset
 
 import ziggurat as zg
+
+from helpers import Vec
 
 DTYPE = torch.float64
 

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPE, Vec
-from ridge import make_ridge, rel_err
 
 import ziggurat as zg
+
+from helpers import DTYPE, Vec
+from ridge import make_ridge, rel_err
 
 
 def _ridge_program(method: Any, accumulation: int, batches: list[Any], outer_batches: list[Any],

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DTYPE, Vec
-from ridge import rel_err
 
 import ziggurat as zg
+
+from helpers import DTYPE, Vec
+from ridge import rel_err
 
 N, M, ETA = 4, 3, 0.1
 

@@ -1,0 +1,131 @@
+"""Checkpoint and resume of whole programs, with real processes and real files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ziggurat as zg
+
+from helpers import Vec
+
+PROGRAM = Path(__file__).parent / "programs" / "resumable.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    return subprocess.run([sys.executable, str(PROGRAM), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def _equal_nested(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("unrolled", [False, True], ids=["implicit", "unrolled"])
+def test_killed_run_resumes_to_bit_identical_parameters(tmp_path: Path, unrolled: bool) -> None:
+    """SIGKILL between checkpoints, resume in a new process: parameters, optimizer state and
+    step count equal the uninterrupted run's bit for bit (shuffled loaders, dropout, a
+    scheduler, a warm-started fixed point, or an open-unroll-aware unrolled problem)."""
+    extra = ["--unrolled"] if unrolled else []
+    whole = _run(str(tmp_path / "a"), str(tmp_path / "a.pt"), *extra)
+    assert whole.returncode == 0, whole.stderr
+    killed = _run(str(tmp_path / "b"), str(tmp_path / "b.pt"), "--kill-at", "14", *extra)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b.pt").exists()
+    names = sorted(p.name for p in (tmp_path / "b").iterdir())
+    # keep_last=2; the unrolled problem (K=3) defers checkpoints to closed unrolls
+    assert names == (["ckpt-000000009.pt", "ckpt-000000012.pt"] if unrolled
+                     else ["ckpt-000000008.pt", "ckpt-000000012.pt"])
+    resumed = _run(str(tmp_path / "b"), str(tmp_path / "b.pt"), "--resume", *extra)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 30
+    assert _equal_nested(a, b)
+
+
+def _small_engine(tmp_path: Path, **kw: Any) -> tuple[zg.Engine, Vec]:
+    m, h = Vec([1.0, -1.0]), Vec([0.5])
+    inner = zg.ImplicitProblem("inner", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                               training_step=lambda p, b: ((p() - p.outer()) ** 2).sum())
+    outer = zg.ImplicitProblem("outer", h, torch.optim.SGD(h.parameters(), lr=0.1),
+                               training_step=lambda p, b: (p.inner() ** 2).sum())
+    cfg = zg.EngineConfig(checkpoint_dir=str(tmp_path), summary=False, progress="off", **kw)
+    return zg.Engine([outer, inner], zg.chain(outer, inner), cfg), m
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
+    engine, _ = _small_engine(tmp_path, train_iters=6, checkpoint_step=2, keep_last=5)
+    engine.run()
+    paths = zg.checkpoint.CheckpointManager(tmp_path, 5).paths()
+    assert [p.name for p in paths] == [f"ckpt-00000000{k}.pt" for k in (2, 4, 6)]
+    newest = paths[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="cannot be read"):
+        state, path = zg.checkpoint.CheckpointManager(tmp_path, 5).load_latest()  # type: ignore[misc]
+    assert path == paths[-2] and state["global_step"] == 4
+
+
+def test_a_pickle_that_runs_code_is_never_executed(tmp_path: Path) -> None:
+    """Checkpoints load with weights_only=True: a file whose unpickling would run code is
+    rejected (and skipped), never executed."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (f"touch {marker}",))
+
+    good, _ = _small_engine(tmp_path, train_iters=2, checkpoint_step=2)
+    good.run()
+    with open(tmp_path / "ckpt-000000009.pt", "wb") as f:
+        pickle.dump({"format": 1, "state": Evil()}, f)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        found = zg.checkpoint.CheckpointManager(tmp_path, 3).load_latest()
+    assert found is not None and found[1].name == "ckpt-000000002.pt"
+    assert not marker.exists()
+
+
+def test_keep_last_and_atomic_names(tmp_path: Path) -> None:
+    engine, _ = _small_engine(tmp_path, train_iters=10, checkpoint_step=1, keep_last=3)
+    engine.run()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ckpt-000000008.pt", "ckpt-000000009.pt", "ckpt-000000010.pt"]
+
+
+def test_resume_without_checkpoint_starts_fresh_and_checkpoint_settings_are_checked(
+    tmp_path: Path,
+) -> None:
+    engine, _ = _small_engine(tmp_path / "empty", train_iters=3, resume=True)
+    engine.run()
+    assert engine.global_step == 3
+    with pytest.raises(zg.ConfigError, match="checkpoint_dir"):
+        zg.EngineConfig(checkpoint_step=5)
+    with pytest.raises(zg.ConfigError, match="keep_last"):
+        zg.EngineConfig(checkpoint_dir=str(tmp_path), keep_last=0)
+
+
+def test_resuming_into_a_different_program_is_refused(tmp_path: Path) -> None:
+    engine, _ = _small_engine(tmp_path, train_iters=2, checkpoint_step=2)
+    engine.run()
+    m = Vec([1.0])
+    other = zg.Engine([zg.ImplicitProblem("solo", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                          training_step=lambda p, b: p().sum())],
+                      config=zg.EngineConfig(checkpoint_dir=str(tmp_path), resume=True,
+                                             train_iters=4, summary=False, progress="off"))
+    with pytest.raises(zg.ZigguratError, match="holds problems"):
+        other.run()
