@@ -6,6 +6,7 @@ name the field and the value; never a TypeError, AssertionError or anything else
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
@@ -488,6 +489,9 @@ CONFIG_FIELDS: dict[str, str] = {
     "fixed_point_alpha": "fixed_point",
     "darts_alpha": "darts",
 }
+# every other field of Config is a plain field, fuzzed under the default type
+CONFIG_FIELDS.update({f.name: "darts" for f in dataclasses.fields(zg.Config)
+                      if f.init and f.name not in CONFIG_FIELDS})
 
 
 def _check_error_names(err: zg.ConfigError, owner: str, field: str) -> None:
@@ -527,15 +531,8 @@ def test_fuzz_config_field_under_any_type(field: str, value: object, type_: str)
     _build_config(field, value, type_)
 
 
-ENGINE_FIELDS = [
-    "train_iters",
-    "valid_step",
-    "early_stopping_metric",
-    "early_stopping_mode",
-    "early_stopping_patience",
-    "early_stopping_min_delta",
-    "log_step",
-]
+# every field of EngineConfig (new fields are fuzzed as soon as they exist)
+ENGINE_FIELDS = [f.name for f in dataclasses.fields(zg.EngineConfig) if f.init]
 
 
 @settings(max_examples=200, deadline=None)
@@ -544,6 +541,8 @@ def test_fuzz_engine_config_field(field: str, value: object) -> None:
     kwargs: dict[str, Any] = {field: value}
     if field == "early_stopping_metric":
         kwargs["valid_step"] = 1  # so that only the metric itself is judged
+    if field in ("checkpoint_step", "resume", "keep_last"):
+        kwargs["checkpoint_dir"] = "ckpt"  # likewise: the setting they need is present
     try:
         cfg = zg.EngineConfig(**kwargs)
     except zg.ConfigError as err:
