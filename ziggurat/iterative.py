@@ -244,7 +244,8 @@ class IterativeProblem(Problem):
                 elif key == "beta2":
                     betas[1] = value
                 elif key == "betas" and isinstance(value, tuple | list):
-                    betas = [float(b) for b in value]
+                    betas = [float(b.detach()) if isinstance(b, Tensor) else float(b)
+                             for b in value]
                 else:
                     group[key] = value
             if "betas" in group:
