@@ -14,20 +14,22 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] != "demo":
         print(f"unknown command {args[0]!r}; the only command is 'demo'", file=sys.stderr)
         return 2
-    from .demos import DEFAULT, DEMOS
+    from .demos import DEFAULT, demos
+
+    available = demos()
 
     rest = args[1:]
     if rest and rest[0] == "--list":
-        for name, (summary, _) in DEMOS.items():
+        for name, (summary, _) in available.items():
             print(f"{name:16s}{summary}")
         return 0
     name = DEFAULT
     if rest and not rest[0].startswith("-"):
         name, rest = rest[0], rest[1:]
-    if name not in DEMOS:
-        print(f"unknown demo {name!r}; available: {', '.join(DEMOS)}", file=sys.stderr)
+    if name not in available:
+        print(f"unknown demo {name!r}; available: {', '.join(available)}", file=sys.stderr)
         return 2
-    return DEMOS[name][1](rest)
+    return available[name][1](rest)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import ziggurat as zg
 
+NAME = "weight-decay"
+
 
 def load_data(seed: int, noise_features: int = 100) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Standardised breast-cancer features plus noise features, split 60 / 250 / rest."""
