@@ -207,13 +207,31 @@ def states_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return True
 
 
+def _retaken(start_theta: torch.Tensor, start_state: Mapping[str, Any] | None, lam: torch.Tensor,
+             make_opt: Callable[[Any], torch.optim.Optimizer], steps: int
+             ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`steps` plain torch steps of the lower's loss ½‖θ − λ‖² from a saved state."""
+    theta = torch.nn.Parameter(start_theta.clone())
+    opt = make_opt([theta])
+    if start_state:
+        opt.state[theta] = copy.deepcopy(dict(start_state))
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * ((theta - lam) ** 2).sum()).backward()
+        opt.step()
+    return theta.detach(), dict(opt.state[theta])
+
+
 @pytest.mark.parametrize(
     ("make_opt", "keys"),
     [(sgd_momentum, {"momentum_buffer"}), (adam, {"step", "exp_avg", "exp_avg_sq"})],
 )
-def test_roll_back_restores_parameters_and_optimizer_state(
+def test_roll_back_retakes_the_unroll_with_the_updated_upper(
     make_opt: Callable[[Any], torch.optim.Optimizer], keys: set[str]
 ) -> None:
+    """roll_back: the unroll is look-ahead; after the upper steps, the lower returns to the
+    unroll's start (parameters and optimizer state) and takes the same K steps again with
+    the new upper parameters."""
     # 2 warm-up steps so that the optimizer state is non-empty when the unroll begins
     engine, upper, lower = bilevel(unroll=3, warmup=2, roll_back=True, optimizer=make_opt)
     run_steps(engine, 2)
@@ -223,20 +241,21 @@ def test_roll_back_restores_parameters_and_optimizer_state(
     upper_before = upper.module.theta.detach().clone()
 
     assert run_steps(engine, 2) == [["lower"], ["lower"]]
-    assert not torch.equal(lower.module.theta, start_theta)  # the unroll moved the lower
-    assert not states_equal(opt_state(lower), start_state)
-
     assert engine.train_step() == ["lower", "upper"]
-    assert not torch.equal(upper.module.theta, upper_before)  # the upper did step
-    assert torch.equal(lower.module.theta, start_theta)
-    assert states_equal(opt_state(lower), start_state)
-    assert lower.count == 5  # the step count is not rolled back
+    lam = upper.module.theta.detach().clone()
+    assert not torch.equal(lam, upper_before)  # the upper did step
+    theta, state = _retaken(start_theta, start_state, lam, make_opt, 3)
+    assert torch.equal(lower.module.theta.detach(), theta)
+    assert states_equal(opt_state(lower), state)
+    assert lower.count == 5  # the retaken steps are not counted again
 
-    # the next unroll starts from the same point; it ends restored again
+    # the next unroll starts from there and is retaken in the same way
+    start_theta, start_state = lower.module.theta.detach().clone(), opt_state(lower)
     run_steps(engine, 2)
     assert engine.train_step() == ["lower", "upper"]
-    assert torch.equal(lower.module.theta, start_theta)
-    assert states_equal(opt_state(lower), start_state)
+    theta, state = _retaken(start_theta, start_state, upper.module.theta.detach(), make_opt, 3)
+    assert torch.equal(lower.module.theta.detach(), theta)
+    assert states_equal(opt_state(lower), state)
 
 
 def test_roll_back_user_optimizer_identity_kept() -> None:
@@ -266,33 +285,25 @@ def test_without_roll_back_the_lower_keeps_its_unroll(
 
 
 def test_roll_back_with_empty_initial_optimizer_state() -> None:
-    # no warm-up: the unroll starts before the first step, when SGD has no momentum buffer
-    engine, _upper, lower = bilevel(unroll=2, roll_back=True, optimizer=sgd_momentum)
-    init = lower.module.theta.detach().clone()
-    assert run_steps(engine, 2) == [["lower"], ["lower", "upper"]]
-    assert torch.equal(lower.module.theta, init)
-    assert len(lower.optimizer.state) == 0
-
-
-def test_roll_back_matches_a_fresh_lower() -> None:
-    # rolled back, the lower's second unroll is exactly a fresh unroll from the same start
-    # under the updated upper: compare with a hand-rolled copy of the same SGD steps.
+    # no warm-up: the unroll starts before the first step, when SGD has no momentum buffer;
+    # the retaken steps start from that empty state too
     engine, upper, lower = bilevel(unroll=2, roll_back=True, optimizer=sgd_momentum)
     init = lower.module.theta.detach().clone()
-    run_steps(engine, 2)
-    lam = upper.module.theta.detach().clone()
-    run_steps(engine, 1)  # first step of the second unroll
+    assert run_steps(engine, 2) == [["lower"], ["lower", "upper"]]
+    theta, state = _retaken(init, None, upper.module.theta.detach(), sgd_momentum, 2)
+    assert torch.equal(lower.module.theta.detach(), theta)
+    assert states_equal(opt_state(lower), state)
 
-    theta = torch.nn.Parameter(init.clone())
-    ref = torch.optim.SGD([theta], lr=0.1, momentum=0.9)
-    loss = 0.5 * ((theta - lam) ** 2).sum()
-    loss.backward()
-    ref.step()
-    assert torch.equal(lower.module.theta.detach(), theta.detach())
-    assert torch.equal(
-        lower.optimizer.state[lower.module.theta]["momentum_buffer"],
-        ref.state[theta]["momentum_buffer"],
-    )
+
+def test_roll_back_with_one_step_is_virtual_step_meta_step_real_step() -> None:
+    """unroll 1: the lower's step is virtual, the upper steps on it, then the lower takes
+    the real step from where it was, with the new upper (Meta-Weight-Net's scheme)."""
+    engine, upper, lower = bilevel(unroll=1, roll_back=True, optimizer=sgd_momentum)
+    for _ in range(3):
+        start, state = lower.module.theta.detach().clone(), opt_state(lower)
+        assert engine.train_step() == ["lower", "upper"]
+        theta, _ = _retaken(start, state or None, upper.module.theta.detach(), sgd_momentum, 1)
+        assert torch.equal(lower.module.theta.detach(), theta)
 
 
 # --------------------------------------------------------------------------- validation
@@ -434,7 +445,7 @@ class Counting(torch.nn.Module):
         return self.theta
 
 
-@pytest.mark.parametrize(("roll_back", "calls_after_upper_step"), [(True, 1.0), (False, 4.0)])
+@pytest.mark.parametrize(("roll_back", "calls_after_upper_step"), [(True, 3.0), (False, 4.0)])
 def test_roll_back_restores_buffers(roll_back: bool, calls_after_upper_step: float) -> None:
     upper = Quad("upper", lowers=("lower",), init=(0.5, 0.25))
     module = Counting()
@@ -451,5 +462,5 @@ def test_roll_back_restores_buffers(roll_back: bool, calls_after_upper_step: flo
     assert run_steps(engine, 2) == [["lower"], ["lower", "upper"]]
     # 1 warm-up + 2 unroll steps + the upper's loss = 4 calls (the 2 evaluations by Darts'
     # central difference leave buffers as they were); rolled back, the buffer returns to its
-    # value at the unroll start
+    # value at the unroll start (1) and the 2 retaken steps add 2
     assert float(module.calls) == calls_after_upper_step

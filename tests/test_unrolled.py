@@ -412,8 +412,9 @@ def test_method_family_must_match_the_problem_class() -> None:
 
 def _reinforce_run(seed: int, lam0: torch.Tensor, c: torch.Tensor, k: int, eta: float,
                    upper_steps: int) -> list[torch.Tensor]:
-    """Hypergradients of L_out = ⟨c, θ_K⟩ (so v = c does not depend on the draws); each
-    unroll restarts from θ₀ = 0 (roll_back) so every upper step sees the same problem."""
+    """Hypergradients of L_out = ⟨c, θ_K⟩ (so v = c does not depend on the draws). With
+    roll_back each unroll is retaken after the upper step; the derivative of E⟨c, θ_K⟩ does
+    not depend on where the unroll starts."""
     torch.manual_seed(seed)
     inner_m, outer_m = Vec(torch.zeros(3, dtype=DTYPE)), Vec(lam0)
     got: list[torch.Tensor] = []

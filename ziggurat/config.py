@@ -42,10 +42,11 @@ class Config:
             class's default, Darts for ImplicitProblem and reverse mode for
             IterativeProblem.
         unroll_steps: this problem's steps between two steps of its upper problems.
-        roll_back: restore this problem's parameters, buffers and optimizer state to where
-            they were before the unroll once its upper problems have stepped (look-ahead
-            steps; the lower problem does not keep them). Its step count and its
-            learning-rate scheduler are not rewound.
+        roll_back: the unroll's steps are look-ahead: once the upper problems have stepped,
+            this problem returns to its state at the start of the unroll (parameters,
+            buffers, optimizer state and settings, scheduler) and takes the same steps
+            again, on the same batches, with the updated upper parameters (Meta-Weight-Net's
+            "virtual step, meta step, real step"; Betty's roll-back for one step).
         warmup_steps: this problem's first steps that do not count towards an upper step.
         check_finite: stop with an error naming the problem and step when a hypergradient
             this problem receives is NaN or infinite.

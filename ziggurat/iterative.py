@@ -61,7 +61,7 @@ class IterativeProblem(Problem):
         self._own = False  # evaluating our own loss (module computes with θ_k)
         self._unroll_step = 0
         self._tangents: dict[str, list[tuple[list[Tensor], list[dict[str, Tensor]]]]] = {}
-        self._es_start: tuple[Snapshot, Any, list[dict[str, Any]]] | None = None
+        self._es_start: Snapshot | None = None
         self._es_steps: list[tuple[list[Any], tuple[Tensor, list[Tensor]]]] = []
         self._es_calls = 0
         self._log_probs: list[Tensor] = []
@@ -132,7 +132,7 @@ class IterativeProblem(Problem):
             self._unroll_open = True
             return
         if isinstance(method, EvolutionStrategies):
-            self._es_start = self._training_state()
+            self._es_start = Snapshot(self.module, self.optimizer, self.scheduler)
             self._es_steps = []
             return
         params = self.trainable_parameters()
@@ -439,7 +439,7 @@ class IterativeProblem(Problem):
                 f"evolution strategies through '{self.name}' need a recorded unroll; step "
                 f"problems through zg.Engine."
             )
-        final = self._training_state()
+        final = Snapshot(self.module, self.optimizer, self.scheduler)
         bookkeeping = (self.count, self.last_loss, dict(self.last_metrics))
         saved_lam = [t.detach().clone() for t in lam]
         generator = torch.Generator().manual_seed(method.seed + self._es_calls)
@@ -466,31 +466,15 @@ class IterativeProblem(Problem):
             with torch.no_grad():
                 for t, s in zip(lam, saved_lam):
                     t.copy_(s)
-            self._restore_training_state(final)
+            final.restore()
             self.count, self.last_loss, self.last_metrics = bookkeeping
         return estimate
-
-    def _training_state(self) -> tuple[Snapshot, Any, list[dict[str, Any]]]:
-        """Module, optimizer state, scheduler state and the param groups' settings."""
-        scheduler_state = None if self.scheduler is None else self.scheduler.state_dict()
-        groups = [{k: v for k, v in g.items() if k != "params"}
-                  for g in self.optimizer.param_groups]
-        return Snapshot(self.module, self.optimizer), scheduler_state, groups
-
-    def _restore_training_state(self, state: tuple[Snapshot, Any, list[dict[str, Any]]]
-                                ) -> None:
-        snapshot, scheduler_state, groups = state
-        snapshot.restore()
-        if self.scheduler is not None and scheduler_state is not None:
-            self.scheduler.load_state_dict(scheduler_state)
-        for group, saved in zip(self.optimizer.param_groups, groups):
-            group.update(saved)
 
     def _es_replay(self) -> None:
         """Re-run the recorded lower steps through the ordinary step (same batches, same
         random numbers, every hook), from the state at the start of the unroll."""
         assert self._es_start is not None
-        self._restore_training_state(self._es_start)
+        self._es_start.restore()
         for batches, rng in self._es_steps:
             _set_all_rng_states(rng)
             Problem._step_on(self, batches)

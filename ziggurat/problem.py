@@ -90,6 +90,7 @@ class Problem:
         self._snapshot: Snapshot | None = None
         self._initialized = False
         self._scaler: DynamicLossScaler | None = None
+        self._unroll_batches: list[list[Any]] = []
 
     #: which family of methods this kind of problem uses (see ``zg.registry``)
     method_family: Family = "implicit"
@@ -296,7 +297,8 @@ class Problem:
         """Begin an unroll: the hook, and a snapshot when roll_back is on."""
         self.on_inner_loop_start()
         if self.config.roll_back:
-            self._snapshot = Snapshot(self.module, self.optimizer)
+            self._snapshot = Snapshot(self.module, self.optimizer, self.scheduler)
+            self._unroll_batches = []
 
     def sync(self) -> None:
         """Bring the module and optimizer up to date with any state held elsewhere (called
@@ -326,6 +328,7 @@ class Problem:
             "stream": None if self._stream is None else self._stream.state_dict(),
             "method_state": self.method_state,
             "snapshot": None if self._snapshot is None else self._snapshot.state_dict(),
+            "unroll_batches": self._unroll_batches if is_plain(self._unroll_batches) else None,
             "cur_batch": batch if is_plain(batch) else None,
             "cur_batch_micro": isinstance(self.cur_batch, MicroBatches),
             "last_loss": self.last_loss,
@@ -346,7 +349,8 @@ class Problem:
             self._stream.load_state_dict(state["stream"])
         self.method_state = _to_device(dict(state["method_state"]), device)
         self._snapshot = None if state["snapshot"] is None else Snapshot.from_state_dict(
-            self.module, self.optimizer, _to_device(state["snapshot"], device))
+            self.module, self.optimizer, self.scheduler, _to_device(state["snapshot"], device))
+        self._unroll_batches = list(state["unroll_batches"] or [])
         batch = state["cur_batch"]
         self.cur_batch = MicroBatches(batch) if state["cur_batch_micro"] else batch
         self.last_loss = state["last_loss"]
@@ -356,10 +360,20 @@ class Problem:
         self.roll_back()
 
     def roll_back(self) -> None:
-        """Return to the snapshot taken at the start of the unroll (roll_back=True only)."""
-        if self._snapshot is not None:
-            self._snapshot.restore()
-            self._snapshot = None
+        """roll_back=True: the unroll's steps were look-ahead. Return to the snapshot taken
+        at its start and take the same steps again, on the same batches, with the upper
+        problems' updated parameters (Betty's warm start, generalised to K steps)."""
+        if self._snapshot is None:
+            return
+        self._snapshot.restore()
+        batches, self._unroll_batches = self._unroll_batches, []
+        self._snapshot = None
+        count = self.count
+        for step_batches in batches:
+            self.cur_batch = (step_batches[0] if len(step_batches) == 1
+                              else MicroBatches(step_batches))
+            self._step_on(list(step_batches))
+        self.count = count
 
     def step(self) -> None:
         """One step: batch(es), loss, gradient (with hypergradients), optimizer, scheduler.
@@ -409,6 +423,8 @@ class Problem:
         n = self.config.gradient_accumulation
         batches = [self.get_batch() for _ in range(n)]
         self.cur_batch = batches[0] if n == 1 else MicroBatches(batches)
+        if self._snapshot is not None:  # roll_back: the unroll will be taken again
+            self._unroll_batches.append(batches)
         return batches
 
     def _batch_losses(
