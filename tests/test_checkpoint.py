@@ -129,3 +129,139 @@ def test_resuming_into_a_different_program_is_refused(tmp_path: Path) -> None:
                                              train_iters=4, summary=False, progress="off"))
     with pytest.raises(zg.ZigguratError, match="holds problems"):
         other.run()
+
+
+# --------------------------------------------------------------------------- review fixes
+def test_a_corrupt_newest_file_is_set_aside_and_never_outlives_good_ones(tmp_path: Path
+                                                                         ) -> None:
+    engine, _ = _small_engine(tmp_path, train_iters=4, checkpoint_step=2, keep_last=2)
+    engine.run()
+    newest = tmp_path / "ckpt-000000004.pt"
+    newest.write_bytes(b"garbage")
+    engine, _ = _small_engine(tmp_path, train_iters=6, checkpoint_step=2, keep_last=1,
+                              resume=True)
+    with pytest.warns(UserWarning, match="renamed"):
+        engine.run()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ckpt-000000004.pt.corrupt", "ckpt-000000006.pt"]
+    again, _ = _small_engine(tmp_path, train_iters=7, resume=True)
+    again.run()
+    assert again.global_step == 7  # resumed from 6, not from scratch
+
+
+def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path: Path) -> None:
+    first, _ = _small_engine(tmp_path, train_iters=4, checkpoint_step=2)
+    first.run()
+    second, _ = _small_engine(tmp_path, train_iters=4, checkpoint_step=2)
+    with pytest.raises(zg.ConfigError, match="resume=True"):
+        second.run()
+    first.config = zg.EngineConfig(**{**vars(first.config), "train_iters": 6})
+    first.run()  # the engine that wrote them may go on
+    assert first.global_step == 6
+
+
+def test_namedtuples_and_dict_subclasses_are_not_plain() -> None:
+    from collections import OrderedDict, defaultdict, namedtuple
+
+    Pair = namedtuple("Pair", "x y")
+    assert zg.checkpoint.is_plain((torch.ones(1), 2, "a", None, [1.0], {"k": (1,)}))
+    assert zg.checkpoint.is_plain(OrderedDict(a=torch.ones(1)))
+    assert not zg.checkpoint.is_plain(Pair(torch.ones(1), 1))
+    assert not zg.checkpoint.is_plain(defaultdict(int))
+
+
+def _es_program(tmp_path: Path, iters: int, resume: bool) -> tuple[zg.Engine, Vec]:
+    m, h = Vec([1.0, -1.0]), Vec([0.5, 0.2])
+    inner = zg.IterativeProblem(
+        "inner", m, torch.optim.SGD(m.parameters(), lr=0.3),
+        config=zg.Config(type=zg.EvolutionStrategies(samples=3, sigma=0.1), unroll_steps=2),
+        training_step=lambda p, b: ((p() - torch.tanh(p.outer())) ** 2).sum())
+    outer = zg.ImplicitProblem("outer", h, torch.optim.SGD(h.parameters(), lr=0.1),
+                               training_step=lambda p, b: ((p.inner() - 0.3) ** 2).sum())
+    cfg = zg.EngineConfig(train_iters=iters, checkpoint_dir=str(tmp_path), checkpoint_step=2,
+                          resume=resume, summary=False, progress="off")
+    return zg.Engine([outer, inner], zg.chain(outer, inner), cfg), h
+
+
+def test_evolution_strategies_resume_bit_identically(tmp_path: Path) -> None:
+    whole, h_whole = _es_program(tmp_path / "a", 10, False)
+    whole.run()
+    part, _ = _es_program(tmp_path / "b", 4, False)
+    part.run()
+    rest, h_rest = _es_program(tmp_path / "b", 10, True)
+    rest.run()
+    assert torch.equal(h_whole.theta, h_rest.theta)
+
+
+def _sampler_program(tmp_path: Path, iters: int, resume: bool) -> Vec:
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    data = TensorDataset(torch.arange(12, dtype=torch.float64).unsqueeze(1))
+    loader = DataLoader(data, batch_size=4,
+                        sampler=RandomSampler(data, generator=torch.Generator().manual_seed(3)))
+    m = Vec([0.0])
+    p = zg.ImplicitProblem("p", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                           train_data_loader=loader,
+                           training_step=lambda p, b: ((p() - b[0]) ** 2).mean() * b[0][0])
+    zg.Engine([p], config=zg.EngineConfig(train_iters=iters, checkpoint_dir=str(tmp_path),
+                                          checkpoint_step=1, resume=resume, summary=False,
+                                          progress="off")).run()
+    return m
+
+
+def test_a_samplers_own_generator_is_restored(tmp_path: Path) -> None:
+    whole = _sampler_program(tmp_path / "a", 8, False)
+    _sampler_program(tmp_path / "b", 4, False)  # stops inside the second epoch
+    resumed = _sampler_program(tmp_path / "b", 8, True)
+    assert torch.equal(whole.theta, resumed.theta)
+
+
+def test_resume_keeps_the_metrics_written_before_the_checkpoint(tmp_path: Path) -> None:
+    import json
+
+    def program(iters: int, resume: bool) -> None:
+        engine, _ = _small_engine(tmp_path / "ckpt", train_iters=iters, checkpoint_step=3,
+                                  resume=resume, log_step=1, logger_type=("jsonl", "csv"),
+                                  log_dir=str(tmp_path / "logs"))
+        engine.run()
+
+    program(4, False)  # checkpoint at 3 (and 4 at the end); records for steps 1..4
+    (tmp_path / "ckpt" / "ckpt-000000004.pt").unlink()  # as if killed after step 4's records
+    program(6, True)
+    lines = (tmp_path / "logs" / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["global_step"] for line in lines]
+    assert steps == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]  # step 4 once, not twice
+    import csv
+
+    with open(tmp_path / "logs" / "run" / "metrics.csv", newline="") as f:
+        assert [int(r["global_step"]) for r in csv.DictReader(f)] == steps
+
+
+def test_records_are_not_repeated_for_problems_that_did_not_step(tmp_path: Path) -> None:
+    import json
+
+    m, h = Vec([1.0, -1.0]), Vec([0.5])
+    inner = zg.ImplicitProblem("inner", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                               config=zg.Config(unroll_steps=3),
+                               training_step=lambda p, b: ((p() - p.outer()) ** 2).sum())
+    outer = zg.ImplicitProblem("outer", h, torch.optim.SGD(h.parameters(), lr=0.1),
+                               training_step=lambda p, b: (p.inner() ** 2).sum())
+    zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(
+        train_iters=6, log_step=1, logger_type="jsonl", log_dir=str(tmp_path), summary=False,
+        progress="off")).run()
+    records = [json.loads(x)
+               for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in records if r["problem"] == "outer"] == [3, 6]
+    assert [r["global_step"] for r in records if r["problem"] == "inner"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_are_averaged_over_micro_batches() -> None:
+    m = Vec([0.0])
+    batches = [torch.tensor([1.0]), torch.tensor([3.0])]
+    p = zg.ImplicitProblem("p", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                           train_data_loader=batches,
+                           config=zg.Config(gradient_accumulation=2),
+                           training_step=lambda p, b: {"loss": (p() * b).sum(), "b": b.sum()})
+    zg.Engine([p], config=zg.EngineConfig(train_iters=1, summary=False, progress="off")).run()
+    assert float(p.last_metrics["b"]) == 2.0
+    assert float(p.last_loss) == 0.0

@@ -511,7 +511,7 @@ def _build_config(field: str, value: object, type_: str) -> None:
         assert getattr(config, field) is value
         # type=None defers to the problem class's default method
         assert config.method is None if config.type is None else isinstance(
-            config.method, zg.HypergradMethod
+            config.method, zg.registry.Method
         )
 
 

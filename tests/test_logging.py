@@ -7,6 +7,7 @@ import io
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -235,7 +236,14 @@ def test_wandb_offline_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyP
     data = list(runs[0].glob("run-*.wandb"))
     assert len(data) == 1 and data[0].stat().st_size > 0
     # The run file is a log of protobuf records; keys and config names appear verbatim.
+    # wandb's service may still be flushing it just after finish() under load: poll briefly.
+    keys = (b"upper/train/loss", b"upper/train/grad_ratio", b"upper/validation/val_acc",
+            b"lower/train/loss", b"upper/hypergrad_norm", b"upper/lr", b"train_iters")
+    deadline = time.monotonic() + 20.0
     raw = data[0].read_bytes()
+    while not all(k in raw for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        raw = data[0].read_bytes()
     for key in (b"upper/train/loss", b"upper/train/grad_ratio", b"upper/validation/val_acc",
                 b"lower/train/loss", b"upper/hypergrad_norm", b"upper/lr", b"train_iters"):
         assert key in raw, key

@@ -8,7 +8,7 @@ each lower level are computed by its configured method (``Darts``, ``SAMA``, ``C
 
 from __future__ import annotations
 
-from . import checkpoint, logging, optim, render, seeding, systems
+from . import checkpoint, logging, optim, registry, render, seeding, systems
 from .config import Config, EngineConfig
 from .engine import Engine
 from .errors import ConfigError, GraphError, HypergradientError, ZigguratError
@@ -59,6 +59,7 @@ __all__ = [
     "logging",
     "optim",
     "register",
+    "registry",
     "render",
     "seeding",
     "systems",

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,15 +55,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_SCALARS = (type(None), bool, int, float, str, torch.dtype)
+
+
 def is_plain(obj: Any) -> bool:
-    """True when ``obj`` is made only of what ``weights_only`` loading accepts here."""
-    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor | torch.dtype):
+    """True when ``obj`` is made only of what ``weights_only`` loading accepts: exact
+    built-in scalars, tensors, and lists, tuples and dicts of them (a namedtuple or a dict
+    subclass would be pickled by class, and refused when loading)."""
+    if type(obj) in _SCALARS or isinstance(obj, torch.Tensor):
         return True
-    if isinstance(obj, list | tuple):
+    if type(obj) in (list, tuple):
         return all(is_plain(x) for x in obj)
-    if isinstance(obj, dict):
+    if type(obj) in (dict, OrderedDict):
         return all(is_plain(k) and is_plain(v) for k, v in obj.items())
     return False
+
+
+def _step_of(path: Path) -> int:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else -1
 
 
 class CheckpointManager:
@@ -71,6 +82,9 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike[str], keep_last: int) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        if self.directory.is_dir():  # temporary files of a save that never finished
+            for stale in self.directory.glob(".ckpt-*.pt.tmp-*"):
+                stale.unlink(missing_ok=True)
 
     def paths(self) -> list[Path]:
         """Existing checkpoint files, oldest first."""
@@ -91,18 +105,24 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"ckpt-{step:09d}.pt"
         tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "state": state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, "state": state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
         fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        for old in self.paths()[:-self.keep_last]:
-            old.unlink(missing_ok=True)
+        # keep the newest keep_last files up to this one; never the one just written
+        older = [p for p in self.paths() if _step_of(p) <= step]
+        for old in older[:-self.keep_last]:
+            if old != final:
+                old.unlink(missing_ok=True)
         return final
 
     def load_latest(self) -> tuple[dict[str, Any], Path] | None:
@@ -112,11 +132,15 @@ class CheckpointManager:
                 payload = torch.load(path, weights_only=True, map_location="cpu")
             except Exception as err:  # a truncated or corrupt file: try the previous one
                 warnings.warn(f"checkpoint {path} cannot be read ({type(err).__name__}: "
-                              f"{err}); trying the previous one", stacklevel=2)
+                              f"{err}); it is renamed to {path.name}.corrupt and the previous "
+                              f"one is tried", stacklevel=2)
+                path.rename(path.with_name(path.name + ".corrupt"))
                 continue
             if not isinstance(payload, dict) or payload.get("format") != FORMAT:
                 warnings.warn(f"checkpoint {path} is not a ziggurat checkpoint of format "
-                              f"{FORMAT}; trying the previous one", stacklevel=2)
+                              f"{FORMAT}; it is renamed to {path.name}.corrupt and the "
+                              f"previous one is tried", stacklevel=2)
+                path.rename(path.with_name(path.name + ".corrupt"))
                 continue
             return payload["state"], path
         return None

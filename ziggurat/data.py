@@ -46,15 +46,12 @@ class BatchStream:
         self.epoch = 0
 
     def _start_pass(self, i: int) -> Iterator[Any]:
-        source = self.sources[i]
-        generator = getattr(source, "generator", None)
         self._starts[i] = {
             "torch": torch.get_rng_state(),
-            "generator": generator.get_state() if isinstance(generator, torch.Generator)
-            else None,
+            "generators": [g.get_state() for g in _generators(self.sources[i])],
         }
         self._positions[i] = 0
-        return iter(source)
+        return iter(self.sources[i])
 
     def _next_from(self, i: int) -> Any:
         it = self._iterators[i]
@@ -103,9 +100,8 @@ class BatchStream:
                     self._iterators[i] = None
                     continue
                 torch.set_rng_state(start["torch"])
-                generator = getattr(self.sources[i], "generator", None)
-                if start["generator"] is not None and isinstance(generator, torch.Generator):
-                    generator.set_state(start["generator"])
+                for generator, saved in zip(_generators(self.sources[i]), start["generators"]):
+                    generator.set_state(saved)
                 it = iter(self.sources[i])
                 for _ in range(position):
                     next(it)
@@ -120,3 +116,19 @@ class BatchStream:
         if len(self.sources) == 1:
             return self._next_from(0)
         return tuple(self._next_from(i) for i in range(len(self.sources)))
+
+
+def _generators(source: object) -> list[torch.Generator]:
+    """The random generators a loader pass draws from besides torch's global one: the
+    DataLoader's own and its sampler's (or its batch sampler's sampler's), each once."""
+    candidates = [getattr(source, "generator", None)]
+    sampler = getattr(source, "sampler", None)
+    candidates.append(getattr(sampler, "generator", None))
+    batch_sampler = getattr(source, "batch_sampler", None)
+    candidates.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
+    found: list[torch.Generator] = []
+    for g in candidates:
+        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+            found.append(g)
+    return found
+

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, is_plain, rng_state, set_rng_state
 from .config import EngineConfig
 from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
@@ -57,6 +58,9 @@ class Engine:
         self.validation_history: list[tuple[int, dict[str, Any]]] = []
         self._best: float | None = None
         self._bad_validations = 0
+        self._elapsed = 0.0  # seconds run so far (carried over by checkpoints)
+        self._owns_checkpoints = False
+        self._logged_counts: dict[str, int] = {}
         for p in self.problems:
             p.initialize()
         self.set_dependency(dependencies)
@@ -129,22 +133,49 @@ class Engine:
         checkpoint first. Sinks and the progress bar are closed however the run ends."""
         cfg = self.config
         manager = None
+        resumed_at: int | None = None
         if cfg.checkpoint_dir is not None:
             manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
             if cfg.resume:
                 found = manager.load_latest()
                 if found is not None:
                     self.load_state_dict(found[0])
+                    resumed_at = self.global_step
+            elif manager.paths() and not self._owns_checkpoints:
+                raise ConfigError(
+                    "EngineConfig", "checkpoint_dir", cfg.checkpoint_dir,
+                    "a folder without another run's checkpoints: it holds "
+                    f"{[p.name for p in manager.paths()]}; set resume=True to continue that "
+                    f"run, or use an empty folder",
+                )
+            self._owns_checkpoints = True
+            for p in self.problems:
+                for source in p._stream.sources if p._stream is not None else []:
+                    if getattr(source, "persistent_workers", False):
+                        warnings.warn(
+                            f"problem '{p.name}' uses a DataLoader with persistent_workers="
+                            f"True: its workers' random state is not in the checkpoints, so "
+                            f"a resumed run can differ from an uninterrupted one; use "
+                            f"persistent_workers=False for bit-identical resumes",
+                            stacklevel=2)
+            if not is_plain(self.state_dict()):
+                raise ZigguratError(
+                    "checkpoints are on but the program's state holds objects that cannot be "
+                    "saved safely (a scheduler, batch or method state that is not made of "
+                    "tensors, numbers, strings, lists, tuples and dicts); fix it or turn "
+                    "checkpointing off."
+                )
         if cfg.summary:
             print(summary(self.graph, self.problems), flush=True)
-        start = time.perf_counter()
+        start = time.perf_counter() - self._elapsed
         progress = Progress(cfg.train_iters, cfg.progress, initial=self.global_step)
         with MetricsStream(make_sinks(cfg.logger_type, cfg.log_dir, cfg.run_name,
-                                      _config_record(self))) as stream:
+                                      _config_record(self), resumed_at)) as stream:
             try:
                 self._run_loop(manager, stream, progress, start)
             finally:
                 progress.close()
+                self._elapsed = time.perf_counter() - start
         for problem in self.problems:
             problem.sync()
         if manager is not None and self.checkpointable:
@@ -167,7 +198,7 @@ class Engine:
                     stream.write(MetricRecord(
                         global_step=self.global_step, problem="engine", step=self.global_step,
                         loss=float(metrics.get("loss", float("nan"))),
-                        metrics={k: v for k, v in metrics.items() if k != "loss"},
+                        metrics=_scalars({k: v for k, v in metrics.items() if k != "loss"}),
                         lr=None, hypergrad_norm=None, wall_time=time.perf_counter() - start,
                         kind="validation"))
                     if self._should_stop(metrics):
@@ -175,6 +206,7 @@ class Engine:
             if manager is not None and cfg.checkpoint_step is not None:
                 due = due or self.global_step % cfg.checkpoint_step == 0
                 if due and self.checkpointable:
+                    self._elapsed = time.perf_counter() - start
                     manager.save(self.state_dict(), self.global_step)
                     due = False
 
@@ -185,11 +217,10 @@ class Engine:
         """One record per problem that has stepped: loss, metrics, lr, hypergradient norm."""
         records = []
         for p in self.problems:
-            if p.last_loss is None:
-                continue
-            metrics = {k: float(v) for k, v in p.last_metrics.items()
-                       if isinstance(v, int | float | Tensor) and not isinstance(v, bool)
-                       and (not isinstance(v, Tensor) or v.numel() == 1)}
+            if p.last_loss is None or self._logged_counts.get(p.name) == p.count:
+                continue  # nothing new since the last record of this problem
+            self._logged_counts[p.name] = p.count
+            metrics = _scalars(p.last_metrics)
             records.append(MetricRecord(
                 global_step=self.global_step, problem=p.name, step=p.count,
                 loss=float(p.last_loss), metrics=metrics,
@@ -213,10 +244,10 @@ class Engine:
             "bad_validations": self._bad_validations,
             "stopped_early": self.stopped_early,
             "validation_history": [
-                [step, {k: float(v) for k, v in metrics.items()}]
-                for step, metrics in self.validation_history
+                [step, _scalars(metrics)] for step, metrics in self.validation_history
             ],
             "rng": rng_state(),
+            "elapsed": self._elapsed,
             "problems": {p.name: p.state_dict() for p in self.problems},
         }
 
@@ -238,6 +269,7 @@ class Engine:
         self.stopped_early = bool(state["stopped_early"])
         self.validation_history = [(int(s), dict(m)) for s, m in state["validation_history"]]
         set_rng_state(state["rng"])
+        self._elapsed = float(state.get("elapsed", 0.0))
 
     def _should_stop(self, metrics: Mapping[str, Any]) -> bool:
         cfg = self.config
@@ -265,6 +297,13 @@ class Engine:
         self._bad_validations += 1
         return self._bad_validations >= cfg.early_stopping_patience
 
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics that are single numbers (others are not logged)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float | Tensor) and not isinstance(v, bool)
+            and (not isinstance(v, Tensor) or v.numel() == 1)}
 
 
 def _config_record(engine: Engine) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class IterativeProblem(Problem):
         self._es_start: Snapshot | None = None
         self._es_steps: list[tuple[list[Any], tuple[Tensor, list[Tensor]]]] = []
         self._es_calls = 0
+        self._es_scaler: dict[str, Any] | None = None
         self._log_probs: list[Tensor] = []
         self._unroll_open = False
         self._baselines: dict[Hashable, float] = {}
@@ -133,6 +134,7 @@ class IterativeProblem(Problem):
             return
         if isinstance(method, EvolutionStrategies):
             self._es_start = Snapshot(self.module, self.optimizer, self.scheduler)
+            self._es_scaler = None if self._scaler is None else self._scaler.state_dict()
             self._es_steps = []
             return
         params = self.trainable_parameters()
@@ -162,6 +164,20 @@ class IterativeProblem(Problem):
         self._sync_module()
         if isinstance(method, Forward):
             self._start_tangents(method, start is not None)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["iterative"] = {"es_calls": self._es_calls,
+                              "baselines": [[list(k) if isinstance(k, tuple) else k, v]
+                                            for k, v in self._baselines.items()]}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        extra = state.get("iterative", {})
+        self._es_calls = int(extra.get("es_calls", 0))
+        self._baselines = {tuple(k) if isinstance(k, list) else k: float(v)
+                           for k, v in extra.get("baselines", [])}
 
     @property
     def checkpointable(self) -> bool:
@@ -440,6 +456,7 @@ class IterativeProblem(Problem):
                 f"problems through zg.Engine."
             )
         final = Snapshot(self.module, self.optimizer, self.scheduler)
+        scaler = None if self._scaler is None else self._scaler.state_dict()
         bookkeeping = (self.count, self.last_loss, dict(self.last_metrics))
         saved_lam = [t.detach().clone() for t in lam]
         generator = torch.Generator().manual_seed(method.seed + self._es_calls)
@@ -467,6 +484,8 @@ class IterativeProblem(Problem):
                 for t, s in zip(lam, saved_lam):
                     t.copy_(s)
             final.restore()
+            if self._scaler is not None and scaler is not None:
+                self._scaler.load_state_dict(scaler)
             self.count, self.last_loss, self.last_metrics = bookkeeping
         return estimate
 
@@ -475,6 +494,8 @@ class IterativeProblem(Problem):
         random numbers, every hook), from the state at the start of the unroll."""
         assert self._es_start is not None
         self._es_start.restore()
+        if self._scaler is not None and self._es_scaler is not None:
+            self._scaler.load_state_dict(self._es_scaler)
         for batches, rng in self._es_steps:
             _set_all_rng_states(rng)
             Problem._step_on(self, batches)

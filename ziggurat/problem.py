@@ -307,8 +307,11 @@ class Problem:
     # ----------------------------------------------------------------- checkpointing
     @property
     def checkpointable(self) -> bool:
-        """Whether the problem's whole state can be saved now (no unroll graph is open)."""
-        return True
+        """Whether the problem's whole state can be saved now: not while a roll-back unroll
+        holds batches that cannot be saved (they will have to be retaken)."""
+        from .checkpoint import is_plain
+
+        return self._snapshot is None or is_plain(self._unroll_batches)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this problem exactly: module, optimizer,
@@ -328,7 +331,7 @@ class Problem:
             "stream": None if self._stream is None else self._stream.state_dict(),
             "method_state": self.method_state,
             "snapshot": None if self._snapshot is None else self._snapshot.state_dict(),
-            "unroll_batches": self._unroll_batches if is_plain(self._unroll_batches) else None,
+            "unroll_batches": self._unroll_batches,
             "cur_batch": batch if is_plain(batch) else None,
             "cur_batch_micro": isinstance(self.cur_batch, MicroBatches),
             "last_loss": self.last_loss,
@@ -450,9 +453,11 @@ class Problem:
         own: list[Tensor] = []
         vectors: dict[str, list[Tensor]] = {}
         losses: list[Tensor] = []
+        metrics: list[dict[str, Any]] = []
         for b in batches:
             (loss,) = self._batch_losses([b], record=True)
             losses.append(loss)
+            metrics.append(self.last_metrics)
             part_own, part_vectors = self._raw_gradients(loss * weight, params)
             if not own:
                 own, vectors = part_own, part_vectors
@@ -461,6 +466,13 @@ class Problem:
                 for name, vec in part_vectors.items():
                     torch._foreach_add_(vectors[name], vec)
         self.last_loss = _mean_loss(losses)
+        if len(metrics) > 1:  # numeric metrics are averaged over the micro-batches
+            self.last_metrics = {
+                k: (sum(m[k] for m in metrics) / len(metrics)
+                    if all(isinstance(m.get(k), int | float | Tensor)
+                           and not isinstance(m.get(k), bool) for m in metrics) else v)
+                for k, v in metrics[-1].items()
+            }
         if scale != 1.0:
             torch._foreach_div_(own, scale)
             for vec in vectors.values():

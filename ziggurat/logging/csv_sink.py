@@ -27,13 +27,25 @@ class CsvSink(Sink):
 
     filename = "metrics.csv"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
         self.path = Path(path)
         self._columns: list[str] = list(RECORD_FIELDS)
         self._metric_columns: dict[str, str] = {}
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                self._columns = list(reader.fieldnames or RECORD_FIELDS)
+                rows = [r for r in reader if int(r["global_step"]) <= resume_step]
+            for column in self._columns[len(RECORD_FIELDS):]:
+                name = column
+                while name.startswith("metrics.") and name[len("metrics."):] in self._columns:
+                    name = name[len("metrics."):]
+                self._metric_columns[name] = column
         self._file = open(self.path, "w", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._file, fieldnames=self._columns, restval="")
         self._writer.writeheader()
+        self._writer.writerows(rows)
         self._file.flush()
 
     @property

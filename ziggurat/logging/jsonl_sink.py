@@ -44,9 +44,17 @@ class JsonlSink(Sink):
 
     filename = "metrics.jsonl"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "w", encoding="utf-8")
+        if resume_step is not None and self.path.exists():
+            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("global_step", 0) <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self._file = open(self.path, "w", encoding="utf-8")
 
     def write(self, record: MetricRecord) -> None:
         line = json.dumps(record_to_json(record), allow_nan=False, ensure_ascii=False)

@@ -76,13 +76,17 @@ def make_sinks(
     log_dir: str | os.PathLike[str] | None,
     run_name: str,
     config: Mapping[str, Any] | None = None,
+    resume_step: int | None = None,
 ) -> list[Sink]:
     """One sink per kind, in order; file sinks write under ``log_dir/run_name/`` (created).
 
     Kinds: "console" (stdout lines), "jsonl" (``metrics.jsonl``), "csv"
     (``metrics.csv``), "tensorboard" (event files in the run directory), "wandb" (offline
     run in ``run directory/wandb/``; ``config`` is recorded with it). Existing
-    ``metrics.jsonl`` / ``metrics.csv`` are overwritten. Errors as :func:`check_sinks`; if a
+    ``metrics.jsonl`` / ``metrics.csv`` are overwritten, unless ``resume_step`` is given (a
+    run resumed from a checkpoint of that global step): then their records up to that step
+    are kept and later ones (written after the checkpoint, before the interruption) dropped,
+    and TensorBoard purges its events after that step. Errors as :func:`check_sinks`; if a
     sink fails to start, those already made are closed first.
 
     Example:
@@ -104,7 +108,7 @@ def make_sinks(
     sinks: list[Sink] = []
     try:
         for kind in kinds:
-            sinks.append(_make_sink(kind, run_dir, run_name, config))
+            sinks.append(_make_sink(kind, run_dir, run_name, config, resume_step))
     except BaseException:
         _close_all(sinks)
         raise
@@ -112,19 +116,21 @@ def make_sinks(
 
 
 def _make_sink(
-    kind: str, run_dir: Path | None, run_name: str, config: Mapping[str, Any] | None
+    kind: str, run_dir: Path | None, run_name: str, config: Mapping[str, Any] | None,
+    resume_step: int | None = None,
 ) -> Sink:
     if kind == "console":
         return ConsoleSink()
     assert run_dir is not None
     if kind == "jsonl":
-        return JsonlSink(run_dir / JsonlSink.filename)
+        return JsonlSink(run_dir / JsonlSink.filename, resume_step)
     if kind == "csv":
-        return CsvSink(run_dir / CsvSink.filename)
+        return CsvSink(run_dir / CsvSink.filename, resume_step)
     if kind == "tensorboard":
         from .tensorboard_sink import TensorBoardSink
 
-        return TensorBoardSink(run_dir)
+        return TensorBoardSink(run_dir, purge_step=None if resume_step is None
+                               else resume_step + 1)
     from .wandb_sink import WandbSink
 
     return WandbSink(run_dir, run_name, config)

@@ -23,14 +23,17 @@ class TensorBoardSink(Sink):
             flushes.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], flush_secs: int = 30) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], flush_secs: int = 30,
+                 purge_step: int | None = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             error = missing_package("EngineConfig", "logger_type", "tensorboard", "tensorboard")
             raise error from exc
         self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        # purge_step: a resumed run hides the events an interrupted one wrote after it
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs,
+                                     purge_step=purge_step)
         self._closed = False
 
     def write(self, record: MetricRecord) -> None:
