@@ -19,7 +19,7 @@ import argparse
 import random
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ NAME = "darts"
 OPS: tuple[str, ...] = ("zero", "skip", "max_pool", "avg_pool", "conv_1x1", "conv_3x3")
 PARAMETRIC: tuple[str, ...] = ("conv_1x1", "conv_3x3")
 PARAMETER_FREE: tuple[str, ...] = ("skip", "max_pool", "avg_pool")
+METHODS: tuple[str, ...] = ("darts", "darts-identity", "first-order")
 
 Data = dict[str, tuple[Tensor, Tensor]]
 
@@ -125,7 +126,7 @@ class CellNet(nn.Module):
         for _ in range(self.nodes):
             total: Tensor | int = 0
             for j in range(len(states)):
-                ops: Any = self.edge_ops[e]
+                ops = cast(nn.ModuleDict, self.edge_ops[e])
                 for k, name in enumerate(self.candidates[e]):
                     if name not in ops:
                         continue
@@ -203,12 +204,11 @@ def search(data: Data, *, steps: int, method: str, nodes: int, channels: int,
     edges = len(edges_of(nodes))
     supernet = CellNet([OPS] * edges, nodes, channels)
     arch = Architecture(edges, len(OPS), seed)
-    if method == "darts":
-        config = zg.Config(type=zg.Darts(scale=lr))
-    elif method in ("first-order", "darts-identity"):
-        config = zg.Config(type=zg.Darts())
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    # darts: H⁻¹ ≈ lr·I, DARTS' one-step second-order derivative (SGD's update Jacobian is
+    # lr, momentum aside); darts-identity: H⁻¹ ≈ I; first-order: no hypergradient at all
+    config = zg.Config(type=zg.Darts(scale=lr) if method == "darts" else zg.Darts())
 
     uniform = torch.full((edges, len(OPS)), 1.0 / len(OPS))
 
@@ -232,11 +232,14 @@ def search(data: Data, *, steps: int, method: str, nodes: int, channels: int,
         training_step=arch_loss)
     problems: list[zg.Problem] = [net]
     dependencies: dict[str, dict[Any, list[Any]]] | None = None
-    if learn_alpha:
+    if learn_alpha and method != "first-order":
         problems.insert(0, arch_problem)
-        # first-order DARTS: α gets its direct gradient only (no l2u edge: no hypergradient)
-        dependencies = (zg.chain(arch_problem, net) if method != "first-order"
-                        else {"u2l": {arch_problem: [net]}, "l2u": {}})
+        dependencies = zg.chain(arch_problem, net)
+    elif learn_alpha:
+        # first-order DARTS: α gets its direct gradient only. The graph refuses a u2l edge
+        # without its l2u edge, so the two levels are declared independent: both are leaves
+        # that step every iteration, net first (the order they are listed in).
+        problems.append(arch_problem)
     engine = zg.Engine(problems=problems, dependencies=dependencies,
                        config=zg.EngineConfig(train_iters=steps, summary=not quiet,
                                               progress="off" if quiet else "auto"))
@@ -284,16 +287,17 @@ def run(*, search_steps: int = 300, retrain_steps: int = 300, random_archs: int 
     ``val_loss`` / ``uniform_val_loss`` (super-network with learned / uniform α after the
     same lower steps; the latter only with ``control``) and timings."""
     data = load_data(seed)
-    common = dict(nodes=nodes, channels=channels, batch_size=batch_size, lr=lr)
-    found = search(data, steps=search_steps, method=method, arch_lr=arch_lr, seed=seed,
-                   quiet=quiet, **common)
-    uniform = (search(data, steps=search_steps, method=method, arch_lr=arch_lr, seed=seed,
-                      learn_alpha=False, **common) if control else None)
+    found = search(data, steps=search_steps, method=method, nodes=nodes, channels=channels,
+                   batch_size=batch_size, lr=lr, arch_lr=arch_lr, seed=seed, quiet=quiet)
+    uniform = (search(data, steps=search_steps, method=method, nodes=nodes, channels=channels,
+                      batch_size=batch_size, lr=lr, arch_lr=arch_lr, seed=seed,
+                      learn_alpha=False) if control else None)
     derived = derive(found["weights"])
     start = time.perf_counter()
 
     def accuracy(arch: Sequence[str]) -> float:
-        accs = [train_discrete(arch, data, steps=retrain_steps, seed=seed + 100 + s, **common)
+        accs = [train_discrete(arch, data, steps=retrain_steps, nodes=nodes, channels=channels,
+                               batch_size=batch_size, lr=lr, seed=seed + 100 + s)
                 for s in range(retrain_seeds)]
         return sum(accs) / len(accs)
 
@@ -321,11 +325,11 @@ def _describe(arch: Sequence[str], nodes: int) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ziggurat demo darts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--search-steps", type=int, default=1500)
-    parser.add_argument("--retrain-steps", type=int, default=1500)
-    parser.add_argument("--random-archs", type=int, default=8)
-    parser.add_argument("--retrain-seeds", type=int, default=3)
-    parser.add_argument("--method", choices=("darts", "darts-identity", "first-order"),
+    parser.add_argument("--search-steps", type=int, default=800)
+    parser.add_argument("--retrain-steps", type=int, default=800)
+    parser.add_argument("--random-archs", type=int, default=6)
+    parser.add_argument("--retrain-seeds", type=int, default=2)
+    parser.add_argument("--method", choices=METHODS,
                         default="darts", help="darts: zg.Darts(scale=lr) (one-step "
                         "second-order); darts-identity: zg.Darts() (H⁻¹ ≈ I); first-order: "
                         "no hypergradient")
@@ -354,7 +358,7 @@ def main(argv: list[str]) -> int:
     print(f"\nsuper-network val loss: learned α {out['val_loss']:.4f} "
           f"(acc {out['val_acc']:.3f}), uniform α {out['uniform_val_loss']:.4f} "
           f"(acc {out['uniform_val_acc']:.3f})\n")
-    width = 12 + 2 * 0
+    width = 12
     print(f"{'architecture':{width}s}{'params':>8s}{'test acc':>10s}   edges (src>dst:op)")
     params = out["derived_params"]
     print(f"{'derived':{width}s}{params:8d}{out['derived_acc']:10.3f}   "
