@@ -169,7 +169,7 @@ def test_darts_finite_difference_radius_and_truncation() -> None:
     theta, lam = theta0.clone().requires_grad_(), lam0.clone().requires_grad_()
     obj = zg.InnerObjective([theta], [lam], lambda: (lam * theta**4).sum() / 4)
     fd_eps = 0.01
-    out = zg.Darts(fd_eps=fd_eps)(obj, [v])[0]
+    out = zg.Darts(fd_eps=fd_eps, mixed="fd")(obj, [v])[0]
     # ∇_λ L = θ⁴/4 ⇒ [(θ+εv)⁴ − (θ−εv)⁴]/(8ε) = θ³v + θ v³ ε²  (exactly)
     eps = fd_eps / float(v.norm())
     expected = -(theta0**3 * v + theta0 * v**3 * eps**2)

@@ -209,8 +209,9 @@ class HypergradMethod(Method, ABC):
     family: ClassVar[Family] = "implicit"
     #: True for methods that multiply by H: they build ∇_θ L_in with its graph before solving
     uses_hessian: ClassVar[bool] = True
-    #: mixed-product mode used when ``mixed="auto"``: "exact" for methods that build the
-    #: Hessian graph anyway (the product is then one more backward), "fd" otherwise.
+    #: mixed-product mode used when ``mixed="auto"`` ("exact" for every built-in method: the
+    #: finite difference re-evaluates the loss at shifted θ, which also moves quantities the
+    #: loss detached, so it disagrees with the stop-gradient semantics of the inner step).
     default_mixed: ClassVar[Literal["exact", "fd"]] = "exact"
 
     mixed: MixedMode

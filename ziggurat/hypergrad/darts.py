@@ -3,7 +3,8 @@
 (dθ*/dλ)ᵀ v ≈ −scale · ∂²_{λθ} L_in · v. With ``scale`` equal to the lower learning rate
 this is the exact hypergradient of one unrolled SGD step (Liu et al., 2019); with the
 default ``scale=1`` it is the identity approximation H⁻¹ ≈ I used by Betty and SAMA.
-The mixed product defaults to DARTS' central finite difference with ε = fd_eps/‖x‖.
+The mixed product defaults to double backward; DARTS' central finite difference
+(ε = fd_eps/‖x‖) is available with ``mixed="fd"``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class Darts(HypergradMethod):
 
     Args:
         scale: x = scale · v; set it to the lower learning rate for one-step DARTS.
-        mixed: "fd" (default via "auto"), "exact" (double backward) or "auto".
+        mixed: "exact" (default via "auto"; double backward) or "fd" (DARTS' central
+            difference: faster, but wrong when the lower loss feeds a detached quantity
+            back into itself, e.g. a weighting net fed the detached loss).
         fd_eps: finite-difference radius numerator, ε = fd_eps / ‖x‖ (DARTS uses 0.01).
 
     Example:
@@ -36,7 +39,7 @@ class Darts(HypergradMethod):
     """
 
     name: ClassVar[str] = "darts"
-    default_mixed: ClassVar[Literal["exact", "fd"]] = "fd"
+    default_mixed: ClassVar[Literal["exact", "fd"]] = "exact"
     uses_hessian: ClassVar[bool] = False
 
     scale: float = 1.0

@@ -126,7 +126,8 @@ class SAMA(HypergradMethod):
     """One-step hypergradient preconditioned by the optimizer's update Jacobian (SAMA).
 
     Args:
-        mixed: "fd" (default via "auto"), "exact" or "auto".
+        mixed: "exact" (default via "auto") or "fd" (faster; wrong when the lower loss
+            feeds a detached quantity back into itself, see ``Darts``).
         fd_eps: finite-difference radius numerator, ε = fd_eps/‖P v‖.
 
     The lower problem must use torch.optim.SGD, Adam or AdamW (also inside
@@ -134,7 +135,7 @@ class SAMA(HypergradMethod):
     """
 
     name: ClassVar[str] = "sama"
-    default_mixed: ClassVar[Literal["exact", "fd"]] = "fd"
+    default_mixed: ClassVar[Literal["exact", "fd"]] = "exact"
     uses_hessian: ClassVar[bool] = False
 
     mixed: MixedMode = "auto"
