@@ -35,6 +35,8 @@ DTYPE = torch.float64
 DATASETS = ("breast-cancer", "wine", "digits")
 # samples in the training and validation splits (the rest is the test split)
 SPLITS = {"breast-cancer": (60, 250), "wine": (30, 70), "digits": (150, 600)}
+DECAY_GRID = tuple(10.0 ** (j / 2) for j in range(-8, 3))  # shared decays 1e-4 … 10
+LR_GRID = tuple(10.0 ** (j / 8) for j in range(-8, 7))  # constant learning rates 0.1 … 5.6
 
 
 # --------------------------------------------------------------------------- data
@@ -131,7 +133,7 @@ def run_weight_decay(
     inner_lr: float = 0.5,
     outer_lr: float = 0.1,
     init_decay: float = 1e-3,
-    grid: Sequence[float] = tuple(10.0 ** (k / 2) for k in range(-8, 3)),
+    grid: Sequence[float] = DECAY_GRID,
     seed: int = 0,
     progress: str = "off",
 ) -> dict[str, Any]:
@@ -139,7 +141,7 @@ def run_weight_decay(
     decay, the best shared decay of ``grid`` and the learned decays, each retrained from
     scratch for the same number of steps (``outer_steps · unroll``)."""
     data = load_split(dataset, seed, noise_features)
-    x_tr, y_tr = data["train"]
+    x_tr = data["train"][0]
     features = x_tr.shape[1]
     classes = int(torch.cat([s[1] for s in data.values()]).max()) + 1
     steps = outer_steps * unroll
@@ -158,7 +160,7 @@ def run_weight_decay(
 
     def inner_loss(p: zg.Problem, batch: Split) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(p.module(x), y) + decay_penalty(p.module.weight, p.decay())
+        return F.cross_entropy(p.module(x), y) + decay_penalty(net.weight, p.decay())
 
     def outer_loss(p: zg.Problem, batch: Split) -> torch.Tensor:
         x, y = batch
@@ -310,11 +312,13 @@ def learn_schedule(
             hypergrads.append(grads[0].detach().clone())
             losses.append(float(self.last_loss))  # type: ignore[arg-type]
 
-    method: zg.registry.Method = zg.Reverse() if mode == "reverse" else zg.Forward()
+    methods: dict[str, zg.registry.Method] = {"reverse": zg.Reverse(), "forward": zg.Forward()}
+    if mode not in methods:
+        raise ValueError(f"unknown mode {mode!r}: 'reverse' or 'forward'")
     learner = ScheduledTraining(
         "learner", net, torch.optim.SGD(net.parameters(), lr=init_lr),
         train_data_loader=batches, horizon=horizon, phases=phases, start=list(init.parameters()),
-        config=zg.Config(type=method, unroll_steps=horizon),
+        config=zg.Config(type=methods[mode], unroll_steps=horizon),
     )
     upper = Validation("schedule", schedule,
                        torch.optim.Adam(schedule.parameters(), lr=outer_lr),
@@ -335,10 +339,10 @@ def run_lr_schedule(
     batch_size: int = 50,
     horizon: int = 60,
     phases: int = 10,
-    init_lr: float = 0.05,
-    outer_steps: int = 60,
+    init_lr: float = 0.1,
+    outer_steps: int = 100,
     outer_lr: float = 0.1,
-    grid: Sequence[float] = tuple(10.0 ** (k / 4) for k in range(-8, 3)),
+    grid: Sequence[float] = LR_GRID,
     modes: Sequence[str] = ("reverse", "forward"),
     seed: int = 0,
     progress: str = "off",
@@ -413,7 +417,8 @@ def report_weight_decay(res: dict[str, Any]) -> str:
     })
     if res["noise_features"]:
         lines.append(f"learned decay (geometric mean): real features "
-                     f"{res['decay_real_gmean']:.3g}, noise features {res['decay_noise_gmean']:.3g}")
+                     f"{res['decay_real_gmean']:.3g}, "
+                     f"noise features {res['decay_noise_gmean']:.3g}")
     return "\n".join(lines)
 
 
@@ -448,8 +453,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--wd-unroll", type=int, default=20)
     parser.add_argument("--horizon", type=int, default=60, help="K, part 2")
     parser.add_argument("--phases", type=int, default=10)
-    parser.add_argument("--init-lr", type=float, default=0.05)
-    parser.add_argument("--lr-outer-steps", type=int, default=60)
+    parser.add_argument("--init-lr", type=float, default=0.1)
+    parser.add_argument("--lr-outer-steps", type=int, default=100)
     parser.add_argument("--modes", default="reverse,forward")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")

@@ -27,6 +27,7 @@ points; MAML against scratch, query MSE after 1 and 10 adaptation steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,7 @@ def mlp_forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
 def init_params(sizes: Sequence[int], tasks: int, generator: torch.Generator) -> list[Tensor]:
     """torch.nn.Linear's default initialisation, drawn independently for each task."""
     out: list[Tensor] = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+    for d_in, d_out in itertools.pairwise(sizes):
         bound = 1.0 / math.sqrt(d_in)
         for shape in ((tasks, d_in, d_out), (tasks, d_out)):
             out.append((torch.rand(shape, generator=generator, dtype=DTYPE) * 2 - 1) * bound)
@@ -175,8 +176,11 @@ class Sinusoids(TaskSampler):
         return (x[:, :s], y[:, :s]), (x[:, s:], y[:, s:])
 
 
-def digits(train_classes: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """scikit-learn's 8×8 digits, standardised with the meta-training classes' statistics."""
+def digits(train_classes: Sequence[int], dihedral: bool = False) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8×8 digits, standardised with the meta-training classes' statistics
+    (one mean and deviation for all pixels). With ``dihedral`` the meta-training classes are
+    multiplied by 8: each rotation by a multiple of 90° of each (mirrored or not) digit is a
+    class of its own, labelled ``10 · transform + digit`` (transform 0 is the identity)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -187,11 +191,28 @@ def digits(train_classes: Sequence[int]) -> tuple[Tensor, Tensor]:
     x = torch.tensor(data.data, dtype=DTYPE)
     y = torch.tensor(data.target, dtype=torch.long)
     seen = torch.isin(y, torch.tensor(list(train_classes)))
-    mean, std = x[seen].mean(0), x[seen].std(0)
-    return (x - mean) / torch.where(std > 1e-6, std, torch.ones_like(std)), y
+    x = (x - x[seen].mean()) / x[seen].std()
+    if not dihedral:
+        return x, y
+    images = x[seen].view(-1, 8, 8)
+    xs, ys = [x], [y]
+    for t in range(1, 8):
+        turned = torch.rot90(images.flip(-1) if t >= 4 else images, t % 4, (-2, -1))
+        xs.append(turned.reshape(-1, 64))
+        ys.append(y[seen] + 10 * t)
+    return torch.cat(xs), torch.cat(ys)
 
 
 # --------------------------------------------------------------------------- the programs
+def make_optimizer(name: str, params: Sequence[Tensor], lr: float) -> torch.optim.Optimizer:
+    """The adaptation optimizer: "sgd" or "adam" (torch's defaults otherwise)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: 'sgd' or 'adam'")
+
+
 class Adapt(zg.IterativeProblem):
     """MAML's lower level: k SGD steps per task from θ₀ = φ."""
 
@@ -201,6 +222,7 @@ class Adapt(zg.IterativeProblem):
 
     def on_inner_loop_start(self) -> None:
         self.sampler.advance()  # a new batch of tasks for this unroll (and the query)
+        self.optimizer.state.clear()  # each task's optimizer (e.g. Adam) starts afresh
 
     def initial_parameters(self) -> list[Tensor]:
         tasks = self.sampler.meta_batch
@@ -248,14 +270,15 @@ class Meta(zg.ImplicitProblem):
 def meta_train(
     method: str, sampler: TaskSampler, sizes: Sequence[int], kind: str, steps: int,
     inner_lr: float, meta_steps: int, meta_lr: float, prox: float = 1.0,
-    cg_iterations: int = 5, seed: int = 0, progress: str = "off",
+    cg_iterations: int = 5, inner_optimizer: str = "sgd", seed: int = 0,
+    progress: str = "off",
 ) -> tuple[list[Tensor], float]:
     """Meta-train φ with "maml", "fomaml" or "imaml"; return φ (one tensor per parameter,
     leading task dimension 1) and the seconds taken."""
     tasks = sampler.meta_batch
     phi = TaskMLP(sizes, 1, seed)
     theta = TaskMLP(sizes, tasks, seed)
-    optimizer = torch.optim.SGD(theta.parameters(), lr=inner_lr)
+    optimizer = make_optimizer(inner_optimizer, list(theta.parameters()), inner_lr)
     adapt: zg.Problem
     if method == "imaml":
         adapt = ProximalAdapt(
@@ -283,14 +306,16 @@ def meta_train(
 # --------------------------------------------------------------------------- evaluation
 def adapt_and_score(
     params: Sequence[Tensor], episode: Episode, kind: str, steps: Sequence[int], lr: float,
-    prox: float = 0.0,
+    optimizer: str = "sgd", prox: float = 0.0,
 ) -> dict[int, Tensor]:
-    """Per-task query score after each number of SGD steps in ``steps`` (accuracy for "ce",
-    MSE for "mse"), from ``params`` (leading dimension: tasks, or 1 to broadcast)."""
+    """Per-task query score after each number of adaptation steps in ``steps`` (accuracy
+    for "ce", MSE for "mse"), from ``params`` (leading dimension: tasks, or 1 to broadcast);
+    with ``prox`` the support loss gets iMAML's λ/2 ‖θ − params‖²."""
     (xs, ys), (xq, yq) = episode
     tasks = xs.shape[0]
     anchor = [p.expand(tasks, *p.shape[1:]).detach() for p in params]
     theta = [a.clone().requires_grad_() for a in anchor]
+    opt = make_optimizer(optimizer, theta, lr)
     scores: dict[int, Tensor] = {}
     for k in range(max(steps) + 1):
         if k in steps:
@@ -303,15 +328,16 @@ def adapt_and_score(
         loss = task_loss(kind, mlp_forward(theta, xs), ys)
         if prox:
             loss = loss + 0.5 * prox * sum(((t - a) ** 2).sum() for t, a in zip(theta, anchor))
-        grads = torch.autograd.grad(loss, theta)
-        theta = [(t - lr * g).detach().requires_grad_() for t, g in zip(theta, grads)]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return scores
 
 
 def evaluate(
     inits: dict[str, Sequence[Tensor] | None], sampler: TaskSampler, sizes: Sequence[int],
-    kind: str, episodes: int, steps: Sequence[int], lr: float, prox: dict[str, float],
-    seed: int, chunk: int = 100,
+    kind: str, episodes: int, steps: Sequence[int], lr: float, seed: int,
+    optimizer: str = "sgd", prox: dict[str, float] | None = None, chunk: int = 100,
 ) -> dict[str, dict[int, tuple[float, float]]]:
     """Mean and 95% half-width of the query score over the same ``episodes`` test tasks for
     every initialisation (None: a fresh random initialisation per task, i.e. scratch)."""
@@ -324,8 +350,8 @@ def evaluate(
         for episode in chunks:
             start = params if params is not None else init_params(
                 sizes, episode[0][0].shape[0], g)
-            for k, v in adapt_and_score(start, episode, kind, steps, lr,
-                                        prox.get(name, 0.0)).items():
+            for k, v in adapt_and_score(start, episode, kind, steps, lr, optimizer,
+                                        (prox or {}).get(name, 0.0)).items():
                 per_step[k].append(v)
         out[name] = {}
         for k, values in per_step.items():
@@ -342,35 +368,55 @@ def run_fewshot(
     queries: int = 15,
     hidden: Sequence[int] = (64, 64),
     steps: int = 5,
-    inner_lr: float = 0.5,
+    inner_lr: float = 0.1,
+    inner_optimizer: str = "sgd",
     meta_batch: int = 8,
     meta_steps: int = 1000,
     meta_lr: float = 1e-3,
-    prox: float = 1.0,
+    prox: float = 2.0,
     cg_iterations: int = 5,
+    dihedral: bool = True,
     train_classes: Sequence[int] = (0, 1, 2, 3, 4, 5),
     test_classes: Sequence[int] = (6, 7, 8, 9),
     episodes: int = 600,
+    scratch_lrs: Sequence[float] = (0.03, 0.1, 0.3, 0.5, 1.0),
     seed: int = 0,
     progress: str = "off",
 ) -> dict[str, Any]:
-    """Meta-train each method on ``train_classes``; query accuracy on ``episodes`` held-out
-    tasks from ``test_classes`` after ``steps`` adaptation steps, against scratch."""
-    x, y = digits(train_classes)
+    """Meta-train each method on ``train_classes`` (times 8 with ``dihedral``); query
+    accuracy on ``episodes`` held-out tasks from ``test_classes`` after 0, 1 and ``steps``
+    adaptation steps with ``inner_optimizer`` at ``inner_lr``, against scratch at the same
+    rate and (``scratch_lrs``) scratch at the best rate of a grid."""
+    x, y = digits(train_classes, dihedral)
+    meta_classes = [c + 10 * t for t in range(8 if dihedral else 1) for c in train_classes]
     sizes = [x.shape[1], *hidden, ways]
     inits: dict[str, Sequence[Tensor] | None] = {"scratch": None}
     seconds: dict[str, float] = {}
     for method in methods:
-        sampler = FewShot(x, y, train_classes, ways, shots, queries, meta_batch, seed)
+        sampler = FewShot(x, y, meta_classes, ways, shots, queries, meta_batch, seed)
         inits[method], seconds[method] = meta_train(
             method, sampler, sizes, "ce", steps, inner_lr, meta_steps, meta_lr, prox,
-            cg_iterations, seed, progress)
+            cg_iterations, inner_optimizer, seed, progress)
     test = FewShot(x, y, test_classes, ways, shots, queries, meta_batch, seed)
-    scores = evaluate(inits, test, sizes, "ce", episodes, (0, steps), inner_lr,
-                      {"imaml": prox}, seed + 1000)
-    return {"scores": scores, "seconds": seconds, "steps": steps, "ways": ways,
-            "shots": shots, "meta_steps": meta_steps, "meta_batch": meta_batch,
-            "episodes": episodes, "inner_lr": inner_lr, "prox": prox}
+    evaluated = sorted({0, 1, steps})
+    scores = evaluate(inits, test, sizes, "ce", episodes, evaluated, inner_lr, seed + 1000,
+                      inner_optimizer)
+    out: dict[str, Any] = {
+        "scores": scores, "seconds": seconds, "steps": steps, "ways": ways, "shots": shots,
+        "meta_steps": meta_steps, "meta_batch": meta_batch, "episodes": episodes,
+        "inner_lr": inner_lr, "inner_optimizer": inner_optimizer, "prox": prox,
+        "cg_iterations": cg_iterations,
+        "dihedral": dihedral, "hidden": list(hidden),
+    }
+    if scratch_lrs:  # the same episodes and random initialisations, other rates
+        grid = {lr: evaluate({"scratch": None}, test, sizes, "ce", episodes, evaluated, lr,
+                             seed + 1000, inner_optimizer)["scratch"]
+                for lr in sorted({*scratch_lrs} - {inner_lr})}
+        grid[inner_lr] = scores["scratch"]
+        best = max(grid, key=lambda lr: grid[lr][steps][0])
+        out["scratch_best_lr"] = best
+        scores["scratch_best"] = grid[best]
+    return out
 
 
 def run_sinusoid(
@@ -394,7 +440,7 @@ def run_sinusoid(
                               meta_lr, seed=seed, progress=progress)
     test = Sinusoids(shots, queries, meta_batch, seed)
     scores = evaluate({"scratch": None, "maml": phi}, test, sizes, "mse", episodes,
-                      tuple(eval_steps), inner_lr, {}, seed + 1000)
+                      tuple(eval_steps), inner_lr, seed + 1000)
     return {"scores": scores, "seconds": {"maml": seconds}, "steps": steps, "shots": shots,
             "meta_steps": meta_steps, "meta_batch": meta_batch, "episodes": episodes,
             "inner_lr": inner_lr, "eval_steps": list(eval_steps)}
@@ -414,15 +460,23 @@ LABELS = {"scratch": "scratch (random init)", "maml": "MAML", "fomaml": "first-o
 
 def report_fewshot(res: dict[str, Any]) -> str:
     k = res["steps"]
-    lines = [f"Few-shot digits: {res['ways']}-way {res['shots']}-shot, meta-train classes 0-5, "
-             f"meta-test classes 6-9 ({res['episodes']} episodes); {res['meta_steps']} meta-steps "
-             f"of {res['meta_batch']} tasks, {k} adaptation steps (lr {res['inner_lr']})",
-             f"{'':26s}{'acc, 0 steps':>16s}{f'acc, {k} steps':>18s}{'meta-train s':>14s}"]
+    evaluated = sorted({0, 1, k})
+    lines = [f"Few-shot digits: {res['ways']}-way {res['shots']}-shot, meta-train classes 0-5"
+             + (" (x8 rotations/mirrorings)" if res["dihedral"] else "")
+             + f", meta-test classes 6-9 ({res['episodes']} episodes); MLP "
+             f"{res['hidden']}; {res['meta_steps']} meta-steps of {res['meta_batch']} tasks; "
+             f"adaptation: {k} {res['inner_optimizer']} steps, lr {res['inner_lr']}; iMAML "
+             f"λ = {res['prox']}, {res['cg_iterations']} CG iterations",
+             f"{'query accuracy after':34s}" + "".join(f"{f'{s} steps':>15s}" for s in evaluated)
+             + f"{'meta-train':>12s}"]
+    labels = dict(LABELS)
+    if "scratch_best_lr" in res:
+        labels["scratch_best"] = f"scratch, best lr {res['scratch_best_lr']:g} (grid)"
     for name, s in res["scores"].items():
         secs = res["seconds"].get(name)
-        lines.append(f"{LABELS.get(name, name):26s}{s[0][0]:10.3f} ±{s[0][1]:.3f}"
-                     f"{s[k][0]:12.3f} ±{s[k][1]:.3f}"
-                     + (f"{secs:14.1f}" if secs is not None else f"{'-':>14s}"))
+        lines.append(f"{labels.get(name, name):34s}"
+                     + "".join(f"{s[j][0]:8.3f} ±{s[j][1]:.3f}" for j in evaluated)
+                     + (f"{secs:11.1f}s" if secs is not None else f"{'-':>12s}"))
     return "\n".join(lines)
 
 
@@ -446,8 +500,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ways", type=int, default=3)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="adaptation steps (few-shot)")
+    parser.add_argument("--inner-lr", type=float, default=0.1, help="adaptation lr (few-shot)")
+    parser.add_argument("--inner-optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--meta-steps", type=int, default=1000, help="few-shot meta-steps")
-    parser.add_argument("--prox", type=float, default=1.0, help="iMAML's λ")
+    parser.add_argument("--prox", type=float, default=2.0, help="iMAML's λ")
+    parser.add_argument("--cg-iterations", type=int, default=5, help="iMAML's CG iterations")
+    parser.add_argument("--no-dihedral", action="store_true",
+                        help="meta-train on the 6 digits only (no rotated/mirrored classes)")
     parser.add_argument("--sine-meta-steps", type=int, default=3000)
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
@@ -459,8 +518,11 @@ def main(argv: list[str]) -> int:
     print(__doc__.splitlines()[0] + "\n")
     if args.part in ("all", "fewshot"):
         res = run_fewshot(methods=tuple(args.methods.split(",")), ways=args.ways,
-                          shots=args.shots, steps=args.steps, meta_steps=args.meta_steps,
-                          prox=args.prox, episodes=args.episodes, seed=args.seed)
+                          shots=args.shots, steps=args.steps, inner_lr=args.inner_lr,
+                          inner_optimizer=args.inner_optimizer, meta_steps=args.meta_steps,
+                          prox=args.prox, cg_iterations=args.cg_iterations,
+                          dihedral=not args.no_dihedral,
+                          episodes=args.episodes, seed=args.seed)
         print(report_fewshot(res) + "\n", flush=True)
     if args.part in ("all", "sinusoid"):
         res = run_sinusoid(meta_steps=args.sine_meta_steps, episodes=args.episodes,
