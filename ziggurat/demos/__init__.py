@@ -12,7 +12,7 @@ import pkgutil
 from collections.abc import Callable
 from types import ModuleType
 
-DEFAULT = "weight-decay"
+DEFAULT = "reweighting"
 
 
 def _modules() -> dict[str, ModuleType]:
