@@ -12,7 +12,8 @@ the run is exp(λ_p), an upper-level parameter read through ``optimizer_hyperpar
 Every unroll restarts from the same initial weights (``initial_parameters()``), so the upper
 level minimises the validation loss after exactly K steps. Trained once with reverse mode and once
 with forward mode (memory constant in K), whose hypergradients must agree; compared with the
-best constant learning rate of a grid search at the same budget of K steps.
+best constant learning rate of a grid search at the same budget of K steps. Results:
+docs/results_meta.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Meta-learning: MAML, first-order MAML and iMAML on few-shot digits; MAML on sinusoids.
 
 Few-shot digits: N-way K-shot episodes (support and query sets of N classes, labels shuffled
-per episode) from scikit-learn's digits. Meta-training uses classes 0-5, meta-testing the
-held-out classes 6-9. The meta-parameters φ are an MLP's initial weights:
+per episode) from scikit-learn's digits. Meta-training uses classes 0-5, each also rotated by
+multiples of 90° and mirrored (48 classes; without them MAML over-fits the 6 classes), and
+meta-testing the held-out classes 6-9. The meta-parameters φ are an MLP's initial weights:
 
 * MAML: the lower level (an ``IterativeProblem``) takes k SGD steps on the support set from
   θ₀ = φ (``initial_parameters()``); the upper level's loss is the query loss at θ_k, its
@@ -18,7 +19,9 @@ weights per task (a leading task dimension), started from φ broadcast over the 
 shared task sampler feeds both levels: the lower problem's ``on_inner_loop_start`` draws
 the next batch of tasks, its loader yields their support sets and the upper problem's
 loader their query sets. Reported: query accuracy on held-out-class episodes after the same
-k adaptation steps (same learning rate) from φ and from a random initialisation (scratch).
+k adaptation steps (same optimizer and learning rate; plain, also for iMAML's φ) from φ and
+from a random initialisation (scratch), and scratch at the best rate of a small grid.
+Results and their caveats (iMAML does not beat scratch here): docs/results_meta.md.
 
 Sinusoids: tasks y = A sin(x − p), A ∈ [0.1, 5], p ∈ [0, π], x ∈ [−5, 5]; K support
 points; MAML against scratch, query MSE after 1 and 10 adaptation steps.
