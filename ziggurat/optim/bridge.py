@@ -15,12 +15,8 @@ from torch import Tensor
 
 from ..errors import ZigguratError
 from .functional import (
-    FunctionalAdagrad,
-    FunctionalAdam,
-    FunctionalAdamW,
+    FUNCTIONAL_OPTIMIZERS,
     FunctionalOptimizer,
-    FunctionalRMSprop,
-    FunctionalSGD,
     Hyper,
     State,
     StateIn,
@@ -28,14 +24,7 @@ from .functional import (
 )
 
 _TWINS: dict[type[torch.optim.Optimizer], type[FunctionalOptimizer]] = {
-    cls.torch_type: cls
-    for cls in (
-        FunctionalSGD,
-        FunctionalAdam,
-        FunctionalAdamW,
-        FunctionalRMSprop,
-        FunctionalAdagrad,
-    )
+    cls.torch_type: cls for cls in FUNCTIONAL_OPTIMIZERS.values()
 }
 
 SUPPORTED = ", ".join(f"torch.optim.{t.__name__}" for t in _TWINS)
