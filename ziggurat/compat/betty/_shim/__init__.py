@@ -1,0 +1,1 @@
+"""Folder put on PYTHONPATH by ``python -m ziggurat.compat.betty``; see ``betty/``."""
