@@ -198,7 +198,10 @@ class EngineConfig:
             early_stopping_mode=self.early_stopping_mode,  # type: ignore[arg-type]
             early_stopping_patience=self.early_stopping_tolerance,
             log_step=log_step,
-            logger_type=LOGGERS[self.logger_type],
+            # Betty's visualisation loggers also print; their files go to ./runs/run/
+            logger_type=("console", kind) if (kind := LOGGERS[self.logger_type]) != "console"
+            else kind,
+            log_dir="runs" if kind != "console" else None,
             progress="off",
             summary=False,
             **extra,

@@ -110,9 +110,6 @@ class Engine(_engine.Engine):
             zconfig = config.to_ziggurat(min(log_steps) if log_steps else None)
             extra = {f.name: getattr(zconfig, f.name) for f in dataclasses.fields(zconfig)
                      if f.init}
-            if any(k in ("tensorboard", "wandb") for k in (extra["logger_type"],)):
-                extra["logger_type"] = ("console", extra["logger_type"])
-                extra["log_dir"] = extra["log_dir"] or "runs"
             zconfig = _BettyBackedEngineConfig(**extra, betty=config)
             strategy = config.strategy
             roll_back = config.roll_back

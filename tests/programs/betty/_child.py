@@ -1,0 +1,4 @@
+import betty
+from betty.engine import Engine
+
+print(betty.__name__, Engine.__module__)
