@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from ridge import make_ridge
 
 import ziggurat as zg
 import ziggurat.compat.betty as betty
@@ -26,6 +25,8 @@ from ziggurat.compat.betty.engine import Engine, translate_dependencies
 from ziggurat.compat.betty.hypergradient import NeumannDivergenceWarning
 from ziggurat.compat.betty.problems import ImplicitProblem
 from ziggurat.errors import ConfigError
+
+from ridge import make_ridge
 
 PROGRAMS = Path(__file__).parent / "programs" / "betty"
 sys.path.insert(0, str(PROGRAMS))
@@ -209,7 +210,7 @@ NATIVE = {"hpo": native_hpo, "reweight": native_reweight, "three_level": native_
 
 @pytest.mark.parametrize("name", sorted(NATIVE))
 def test_betty_program_through_runner_matches_native(runs: dict[str, Any], name: str) -> None:
-    rc, stdout, stderr, params = runs[name]
+    rc, _, stderr, params = runs[name]
     assert rc == 0, stderr[-3000:]
     assert params is not None
     want = NATIVE[name]()
@@ -244,15 +245,15 @@ def test_runner_help_and_bad_program(capsys: pytest.CaptureFixture[str],
 
 def test_import_redirection() -> None:
     import betty as b  # type: ignore[import-not-found]
-    import betty.hypergradient  # type: ignore[import-not-found]  # noqa: F401
+    import betty.hypergradient  # type: ignore[import-not-found]
     from betty.configs import Config as C  # type: ignore[import-not-found]
     from betty.utils import log_from_loss_dict  # type: ignore[import-not-found]
 
     assert b is betty and C is Config and b.__version__ == "0.2.1"
     assert log_from_loss_dict({"loss": torch.tensor(1.5), "acc": [1, 2]}) == (
         "loss: 1.5 || acc_0: 1 || acc_1: 2")
-    with pytest.raises(ImportError, match="betty.optim is not provided"):
-        import betty.optim  # type: ignore[import-not-found]  # noqa: F401
+    with pytest.raises(ImportError, match=r"betty\.optim is not provided"):
+        import betty.optim  # type: ignore[import-not-found]
 
 
 # ----------------------------------------------------------------------------- semantics

@@ -3,7 +3,6 @@ tuned on validation loss (CG hypergradient, 3 inner steps per outer step, warm-u
 
 import torch
 from _data import batches, linear, out_path, regression, save
-
 from betty.configs import Config, EngineConfig
 from betty.engine import Engine
 from betty.problems import ImplicitProblem

@@ -3,7 +3,6 @@ by differentiating through 4 unrolled SGD steps of the inner problem."""
 
 import torch
 from _data import batches, linear, out_path, regression, save
-
 from betty.configs import Config, EngineConfig
 from betty.engine import Engine
 from betty.problems import ImplicitProblem, IterativeProblem

@@ -4,7 +4,6 @@
 import torch
 import torch.nn.functional as F
 from _data import DTYPE, batches, linear, noisy_labels, out_path, save
-
 from betty.configs import Config, EngineConfig
 from betty.engine import Engine
 from betty.problems import ImplicitProblem

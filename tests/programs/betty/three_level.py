@@ -3,7 +3,6 @@ shifts the targets of bottom (bottom: neumann, middle: sama with Adam)."""
 
 import torch
 from _data import batches, linear, out_path, regression, save
-
 from betty.configs import Config, EngineConfig
 from betty.engine import Engine
 from betty.problems import ImplicitProblem

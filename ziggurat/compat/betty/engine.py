@@ -159,7 +159,7 @@ class Engine(_engine.Engine):
         """Problems with no lower problem (stepped every iteration)."""
         return [p for p in self.problems if self.graph.is_leaf(p.name)]
 
-    def set_dependency(self, dependencies: Mapping[str, Any] | None) -> None:  # type: ignore[override]
+    def set_dependency(self, dependencies: Mapping[str, Any] | None) -> None:
         """(Re)wire the program with Betty-style ``dependencies``."""
         if "_by_name" in self.__dict__:  # called by a user after construction
             self.dependencies = dependencies

@@ -101,7 +101,7 @@ class Problem(_problem.Problem):
         self._adapt_callbacks()
 
     # ----------------------------------------------------------------- Betty's counters
-    @property  # type: ignore[override]
+    @property
     def count(self) -> int:
         """Local step count; inside this problem's own step it includes that step (Betty)."""
         return self._betty_count + (1 if self._betty_stepping else 0)
@@ -123,13 +123,13 @@ class Problem(_problem.Problem):
         are in ``p.grad``); ziggurat's take the parameters / gradients."""
         user_param = type(self).param_callback
         if user_param is not _problem.Problem.param_callback and _takes_no_arguments(
-                getattr(self, "param_callback")):
-            bound = getattr(self, "param_callback")
+                self.param_callback):
+            bound: Callable[[], Any] = self.param_callback  # type: ignore[assignment]
             self.param_callback = lambda params: bound()  # type: ignore[method-assign]
         user_grad = type(self).grad_callback
         if user_grad is not _problem.Problem.grad_callback and _takes_no_arguments(
-                getattr(self, "grad_callback")):
-            bound_grad = getattr(self, "grad_callback")
+                self.grad_callback):
+            bound_grad: Callable[[], Any] = self.grad_callback  # type: ignore[assignment]
 
             def grad_callback(grads: list[Tensor]) -> list[Tensor]:
                 params = self.trainable_parameters()
@@ -164,7 +164,7 @@ class Problem(_problem.Problem):
 
     # ----------------------------------------------------------------- Betty's accessors
     @property
-    def paths(self) -> list[list[_problem.Problem]]:  # type: ignore[override]
+    def paths(self) -> list[list[_problem.Problem]]:
         """Betty's form: ``[self, c, ..., self]``, the problems a hypergradient is carried
         through, from the one whose parameters this problem's loss reads up to itself."""
         return [[self, *reversed(chain[1:]), self] for chain in super().paths]
