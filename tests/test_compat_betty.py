@@ -42,7 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Every Betty-style program run through ``python -m ziggurat.compat.betty`` (in
     parallel): name -> (returncode, stdout, stderr, parameters or None)."""
     tmp = tmp_path_factory.mktemp("betty_runs")
-    env = dict(os.environ, PYTHONPATH="/user/entry")
+    env = dict(os.environ, PYTHONPATH="/user/entry", CUDA_VISIBLE_DEVICES="")
     procs = {}
     for name in ("hpo", "reweight", "three_level", "iterative", "spawn"):
         out = tmp / f"{name}.json"
@@ -278,7 +278,7 @@ def _ridge_program(kind: str, **cfg: Any) -> tuple[Any, torch.Tensor, torch.Tens
     inner = Inner("inner", Config(type=kind, **cfg), im, torch.optim.SGD([theta], lr=0.0),
                   None, [None])
     outer = Outer("outer", Config(), om, torch.optim.SGD([lam], lr=1.0), None, [None])
-    engine = Engine([outer, inner], EngineConfig(train_iters=1),
+    engine = Engine([outer, inner], EngineConfig(train_iters=1, strategy="cpu"),
                     {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
     expected = lam.detach() + r.implicit_hypergrad(theta.detach())
     return engine, lam.detach().clone(), expected
@@ -357,7 +357,7 @@ def test_early_stopping_and_wandb_logger_run(tmp_path: Path,
     engine = Stopping(
         [upper, lower],
         EngineConfig(train_iters=100, valid_step=2, early_stopping=True,
-                     early_stopping_tolerance=3, logger_type="wandb"),
+                     early_stopping_tolerance=3, logger_type="wandb", strategy="cpu"),
         {"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
     )
     engine.run()
@@ -410,7 +410,7 @@ def test_problem_and_engine_attributes() -> None:
     assert translate_dependencies(deps) == {
         "u2l": {middle: [bottom], top: [middle]},
         "l2u": {bottom: [top, middle], middle: [top]}}
-    engine = Engine([top, middle, bottom], EngineConfig(train_iters=4), deps)
+    engine = Engine([top, middle, bottom], EngineConfig(train_iters=4, strategy="cpu"), deps)
     assert engine.top is top and bottom.middle is middle and engine.leaves == [bottom]
     assert [p.leaf for p in (top, middle, bottom)] == [False, False, True]
     assert bottom.parents == [middle] and middle.children == [bottom] and top.parents == []
