@@ -4,6 +4,7 @@ what Betty gets wrong is correct here (checked against closed forms)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -29,8 +30,18 @@ from ziggurat.errors import ConfigError
 from ridge import make_ridge
 
 PROGRAMS = Path(__file__).parent / "programs" / "betty"
-sys.path.insert(0, str(PROGRAMS))
-import _data as data  # noqa: E402
+
+
+def _load_data_module() -> Any:
+    """tests/programs/betty/_data.py, loaded without putting its folder on sys.path."""
+    spec = importlib.util.spec_from_file_location("betty_programs_data", PROGRAMS / "_data.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+data = _load_data_module()
 
 DTYPE = torch.float64
 QUIET = dict(progress="off", summary=False)
@@ -287,11 +298,25 @@ def _ridge_program(kind: str, **cfg: Any) -> tuple[Any, torch.Tensor, torch.Tens
 def test_cg_several_iterations_and_cg_alpha_match_closed_form() -> None:
     # Betty's cg is right for one iteration only and its cg_alpha mixes αH with H; here
     # dim(θ) = 6 iterations solve H x = v exactly whatever cg_alpha is.
+    r = make_ridge(condition=20.0, dim=6)
     for alpha in (1.0, 0.37):
         engine, before, expected = _ridge_program("cg", cg_iterations=6, cg_alpha=alpha)
         engine.run()
         step = before - engine.outer.module.lam.detach()
         torch.testing.assert_close(step, expected, rtol=1e-9, atol=1e-12)
+    # Betty's functional entry points: cg(vector, curr, prev, sync) and get_grads
+    inner, outer = engine.inner, engine.outer
+    theta = inner.module.theta.detach()
+    want = r.implicit_hypergrad(theta)
+    (got,) = betty.hypergradient.cg([r.v(theta)], inner, outer)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    outer.module.lam.grad = None
+    assert betty.hypergradient.cg([r.v(theta)], inner, outer, True) is None
+    torch.testing.assert_close(outer.module.lam.grad, want, rtol=1e-9, atol=1e-12)
+    outer.module.lam.grad = None
+    (path,) = outer.paths
+    (via_path,) = betty.hypergradient.get_grads(r.outer_loss(inner.module.theta), path)
+    torch.testing.assert_close(via_path, want, rtol=1e-9, atol=1e-12)
 
 
 def test_neumann_divergence_warns_with_safe_range() -> None:
@@ -434,6 +459,8 @@ def test_problem_and_engine_attributes() -> None:
     torch.testing.assert_close(bottom.module.weight, state["module"]["weight"])
     bottom.set_train_data_loader([None, None])
     bottom.set_optimizer(torch.optim.SGD(bottom.module.parameters(), lr=0.0))
+    engine.set_dependency(deps)  # rewiring with Betty's form keeps the program
+    assert engine.leaves == [bottom] and len(top.paths) == 2
     engine.eval()
     assert not bottom.module.training
     engine.train()
