@@ -4,6 +4,7 @@ what Betty gets wrong is correct here (checked against closed forms)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -307,6 +308,7 @@ def test_cg_several_iterations_and_cg_alpha_match_closed_form() -> None:
     # Betty's functional entry points: cg(vector, curr, prev, sync) and get_grads
     inner, outer = engine.inner, engine.outer
     theta = inner.module.theta.detach()
+    r = dataclasses.replace(r, lam=outer.module.lam.detach().clone())  # λ after the step
     want = r.implicit_hypergrad(theta)
     (got,) = betty.hypergradient.cg([r.v(theta)], inner, outer)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
