@@ -1,0 +1,162 @@
+"""A two-level program run data parallel by tests/test_distributed.py.
+
+    python data_parallel.py OUT_DIR SCENARIO [SCENARIO ...]     (under torchrun, or with
+                                                                 RANK/WORLD_SIZE/... set)
+
+Upper level: per-feature weight decay λ (softplus) and a bias shift; lower level: a small
+tanh MLP trained on the weighted-decay MSE. Each scenario saves, per rank, the final
+parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
+
+* ``equal-<method>``: 20 meta-steps with per-rank batch B (strategy "ddp"), counting the
+  ``torch.distributed.all_reduce`` calls (a counting wrapper around the real function).
+* ``zero-<method>``: the same with strategy "zero".
+* ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
+  stopping on rank 0's metric, JSONL logs.
+* ``ckpt``: dropout with per-rank random streams, checkpoints every 10 of 20 iterations.
+* ``resume``: resume ``ckpt``'s checkpoint of step 10 (copied to OUT_DIR/resume-ckpt).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+import ziggurat as zg
+
+B = 4  # per-rank batch
+STEPS = 20
+DTYPE = torch.float64
+METHODS: dict[str, Callable[[], zg.HypergradMethod]] = {
+    "darts": lambda: zg.Darts(),
+    "sama": lambda: zg.SAMA(),
+    "neumann": lambda: zg.Neumann(iterations=3, alpha=0.05),
+    "cg": lambda: zg.CG(iterations=3, damping=0.1),
+}
+HVPS = {"darts": 0, "sama": 0, "neumann": 3, "cg": 3}  # Hessian-vector products per call
+
+
+def data() -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 5, generator=g, dtype=DTYPE)
+    w = torch.randn(5, 1, generator=g, dtype=DTYPE)
+    y = x @ w + 0.3 * torch.randn(96, 1, generator=g, dtype=DTYPE)
+    return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+
+
+def loaders(batch: int, replicas: int, rank: int) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """Shuffled shards; replicas=1 with batch 2B reads the union of the two ranks' batches."""
+    train, val = data()
+    return (zg.distributed.distributed_loader(train, batch, seed=1, num_replicas=replicas,
+                                              rank=rank),
+            zg.distributed.distributed_loader(val, batch, seed=2, num_replicas=replicas,
+                                              rank=rank))
+
+
+class Engine(zg.Engine):
+    """Validation metric: rank 0's grows, rank 1's shrinks (so only rank 0 wants to stop)."""
+
+    def validation(self) -> Mapping[str, Any]:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        n = len(self.validation_history) + 1
+        return {"loss": float(n) if rank == 0 else 1.0 / n, "rank": rank}
+
+
+def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
+          dropout: float = 0.0, **engine: Any) -> zg.Engine:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                              torch.nn.Linear(4, 1)).to(DTYPE)
+    upper = torch.nn.ParameterDict({
+        "decay": torch.nn.Parameter(torch.full((4, 5), -1.0, dtype=DTYPE)),
+        "shift": torch.nn.Parameter(torch.zeros(1, dtype=DTYPE))})
+    torch.manual_seed(100 + rank)  # per-rank random streams (dropout)
+    train, val = loaders(batch, replicas, rank)
+
+    def inner_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        pred = p(x) + p.outer.module["shift"]
+        decay = torch.nn.functional.softplus(p.outer.module["decay"])
+        return ((pred - y) ** 2).mean() + 0.5 * (decay * net[0].weight ** 2).sum()
+
+    def outer_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        return ((p.inner(x) - y) ** 2).mean()
+
+    lower_opt = (torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama"
+                 else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+    inner = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
+                               training_step=inner_loss, config=zg.Config(type=METHODS[method]()))
+    outer = zg.Problem("outer", upper, torch.optim.Adam(upper.parameters(), lr=0.02),
+                       train_data_loader=val, training_step=outer_loss)
+    settings: dict[str, Any] = {"train_iters": STEPS, "progress": "off", "summary": False,
+                                "logger_type": (), "strategy": strategy, **engine}
+    return Engine([outer, inner], {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+                  config=zg.EngineConfig(**settings))
+
+
+def result(engine: zg.Engine) -> dict[str, Any]:
+    return {"params": {f"{p.name}.{k}": v.detach().clone()
+                       for p in engine.problems for k, v in p.module.state_dict().items()},
+            "last_loss": {p.name: p.last_loss for p in engine.problems},
+            "global_step": engine.global_step, "stopped_early": engine.stopped_early}
+
+
+def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
+    kind, _, method = name.partition("-")
+    if kind in ("equal", "zero"):
+        calls = [0]
+        real = dist.all_reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return real(*args, **kwargs)
+
+        engine = build(method, strategy="ddp" if kind == "equal" else "zero", batch=B,
+                       replicas=world, rank=rank)
+        dist.all_reduce = counting  # type: ignore[assignment]
+        try:
+            engine.run()
+        finally:
+            dist.all_reduce = real
+        return {**result(engine), "all_reduce": calls[0]}
+    if kind == "stop":
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
+                       train_iters=50, valid_step=2, early_stopping_metric="loss",
+                       early_stopping_patience=2, logger_type=("jsonl",),
+                       log_dir=str(out / "logs"), log_step=1)
+        engine.run()
+        return {**result(engine), "history": [[s, float(m["rank"])]
+                                              for s, m in engine.validation_history]}
+    if kind == "ckpt":
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
+                       dropout=0.3, checkpoint_dir=str(out / "ckpt"), checkpoint_step=10,
+                       keep_last=5)
+        engine.run()
+        return result(engine)
+    if kind == "resume":
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
+                       dropout=0.3, checkpoint_dir=str(out / "resume-ckpt"), resume=True,
+                       checkpoint_step=10)
+        engine.run()
+        return result(engine)
+    raise SystemExit(f"unknown scenario {name!r}")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for name in sys.argv[2:]:
+        found = run_scenario(name, out, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        torch.save(found, out / f"{name}-rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
