@@ -1,0 +1,216 @@
+"""Data-parallel runs with real processes (gloo, CPU, float64): exactness against one process
+with the global batch, all-reduce counts, ZeRO, rank-aware early stopping, logs and resume.
+
+One launch of two processes runs every scenario of tests/programs/data_parallel.py (as a
+torchrun launch does: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the
+environment, the library joins the process group); the resume is a second launch through
+``python -m torch.distributed.run``. The one-process references run in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from programs.data_parallel import HVPS, METHODS, STEPS, B, build, data
+
+import ziggurat as zg
+from ziggurat.data import BatchStream
+
+PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
+SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "stop", "ckpt"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # a rank that fails makes the others' collectives time out instead of hanging
+    env.update(OMP_NUM_THREADS="1", ZIGGURAT_DIST_TIMEOUT="60", **extra)
+    return env
+
+
+def _check(procs: list[subprocess.Popen[str]], timeout: float) -> None:
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [(i, out) for i, (p, out) in enumerate(zip(procs, outputs)) if p.returncode != 0]
+    assert not failed, "\n".join(f"process {i}:\n{err[-3000:]}" for i, (_, err) in failed)
+
+
+def launch_ranks(out: Path, scenarios: list[str], world: int = 2) -> None:
+    """``world`` processes with torchrun's environment variables."""
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, str(PROGRAM), str(out), *scenarios],
+        env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    _check(procs, timeout=240)
+
+
+def launch_torchrun(out: Path, scenarios: list[str]) -> None:
+    """``python -m torch.distributed.run --nproc-per-node 2``, as users launch."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         str(PROGRAM), str(out), *scenarios],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _check([proc], timeout=180)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[Any]]]:
+    out = tmp_path_factory.mktemp("dp")
+    launch_ranks(out, SCENARIOS)
+    found = {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True)
+                    for r in range(2)] for name in SCENARIOS}
+    return out, found
+
+
+def _relerr(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
+
+
+def _params(engine: zg.Engine) -> dict[str, torch.Tensor]:
+    return {f"{p.name}.{k}": v for p in engine.problems for k, v in p.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(
+    runs: tuple[Path, dict[str, list[Any]]], method: str
+) -> None:
+    _, found = runs
+    rank0, rank1 = found[f"equal-{method}"]
+    reference = build(method, strategy="none", batch=2 * B, replicas=1, rank=0)
+    start = {k: v.clone() for k, v in _params(reference).items()}
+    reference.run()
+    assert _relerr(rank0["params"], _params(reference)) <= 1e-6
+    # replicas stay identical, and the run really moved both levels
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in start)
+    assert _relerr(start, _params(reference)) > 1e-2
+    # the bound can fail: one process on a single rank's batch of B ends elsewhere
+    half = build(method, strategy="none", batch=B, replicas=1, rank=0)
+    half.run()
+    assert _relerr(rank0["params"], _params(half)) > 1e-3
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_all_reduce_calls_per_meta_step(
+    runs: tuple[Path, dict[str, list[Any]]], method: str
+) -> None:
+    """Per meta-step: the lower step's gradient (1); the upper step's [v, ∂λ L_out] (1) and
+    local hypergradient contributions (1); one per Hessian-vector product (cg, neumann)."""
+    _, found = runs
+    for result in found[f"equal-{method}"]:
+        assert result["all_reduce"] == STEPS * (3 + HVPS[method])
+
+
+@pytest.mark.parametrize("method", ["darts", "sama"])
+def test_zero_agrees_with_ddp(runs: tuple[Path, dict[str, list[Any]]], method: str) -> None:
+    _, found = runs
+    zero, ddp = found[f"zero-{method}"], found[f"equal-{method}"]
+    for r in range(2):
+        assert _relerr(zero[r]["params"], ddp[r]["params"]) <= 1e-12
+    # SAMA under ZeRO completes its shard-wise P v with one more all-reduce per meta-step
+    assert zero[0]["all_reduce"] == STEPS * (3 + (method == "sama"))
+
+
+def test_early_stopping_on_rank_0_stops_every_rank_and_rank_0_alone_logs(
+    runs: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    out, found = runs
+    for result in found["stop"]:  # rank 0's metric worsens from its 1st validation: patience 2
+        assert (result["global_step"], result["stopped_early"]) == (6, True)
+        assert result["history"] == [[2, 0.0], [4, 0.0], [6, 0.0]]  # rank 0's metrics
+    lines = (out / "logs" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 * 2 + 3  # one record per problem and step, one per validation
+
+
+def test_two_rank_run_resumes_from_a_two_rank_checkpoint(
+    runs: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    out, found = runs
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [
+        "ckpt-000000010.pt", "ckpt-000000020.pt"]  # written once, by rank 0
+    (out / "resume-ckpt").mkdir()
+    shutil.copy(out / "ckpt" / "ckpt-000000010.pt", out / "resume-ckpt")
+    launch_torchrun(out, ["resume"])
+    for r in range(2):
+        resumed = torch.load(out / f"resume-rank{r}.pt", weights_only=True)
+        full = found["ckpt"][r]
+        assert resumed["global_step"] == 20
+        assert all(torch.equal(resumed["params"][k], v) for k, v in full["params"].items())
+        assert resumed["last_loss"] == full["last_loss"]  # each rank's own batches and dropout
+    assert found["ckpt"][0]["last_loss"] != found["ckpt"][1]["last_loss"]
+
+
+# --------------------------------------------------------------------------- in-process
+def test_strategy_setting_and_betty_names() -> None:
+    with pytest.raises(zg.ConfigError, match="strategy"):
+        zg.EngineConfig(strategy="deepspeed")
+    assert zg.distributed.betty_strategy(False, "zero") == "none"
+    assert [zg.distributed.betty_strategy(True, s) for s in ("default", "zero", "fsdp")] == [
+        "ddp", "zero", "fsdp"]
+    with pytest.raises(zg.ConfigError, match="Betty"):
+        zg.distributed.betty_strategy(True, "accelerate")
+
+
+def test_missing_torchrun_environment_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(zg.ZigguratError, match="torchrun --nproc-per-node") as info:
+        build("darts", strategy="ddp", batch=B, replicas=1, rank=0)
+    assert "RANK" in str(info.value) and "strategy='none'" in str(info.value)
+
+
+def test_backend_that_cannot_serve_the_device_is_refused() -> None:
+    with pytest.raises(zg.ConfigError, match="nccl serves CUDA tensors only"):
+        zg.distributed.check_backend("nccl", torch.device("cpu"))
+
+
+def test_fsdp_is_refused_with_the_reason_and_the_alternative() -> None:
+    with pytest.raises(zg.ConfigError, match=r"autograd\.grad") as info:
+        build("darts", strategy="fsdp", batch=B, replicas=1, rank=0)
+    assert "'zero'" in str(info.value) and info.value.field == "strategy"
+
+
+def test_distributed_sampler_is_reseeded_every_pass_and_resumes() -> None:
+    train, _ = data()
+    n = len(train)
+    passes: list[list[list[int]]] = [[], []]  # per rank: the sample order of each pass
+    for rank in range(2):
+        loader = zg.distributed.distributed_loader(
+            torch.utils.data.TensorDataset(torch.arange(n)), 8, seed=3, num_replicas=2,
+            rank=rank)
+        stream = BatchStream(loader, "inner", lambda: None)
+        per_pass = n // 2 // 8
+        order = [int(i) for _ in range(2 * per_pass) for i in stream.next()[0]]
+        passes[rank] = [order[: n // 2], order[n // 2:]]
+        # mid-pass checkpoint of the stream: a fresh one continues with the same batches
+        state = stream.state_dict()
+        again = BatchStream(loader, "inner", lambda: None)
+        again.load_state_dict(state)
+        assert all(torch.equal(stream.next()[0], again.next()[0]) for _ in range(per_pass + 1))
+    for k in range(2):  # each pass: the ranks' shards are disjoint and cover the data
+        assert sorted(passes[0][k] + passes[1][k]) == list(range(n))
+    assert passes[0][0] != passes[0][1]  # reshuffled for the second pass
