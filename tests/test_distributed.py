@@ -149,19 +149,25 @@ def test_early_stopping_on_rank_0_stops_every_rank_and_rank_0_alone_logs(
 def test_two_rank_run_resumes_from_a_two_rank_checkpoint(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
+    """DDP with dropout (per-rank random streams), and ZeRO with Adam (sharded state,
+    consolidated on rank 0 for the file): bit-identical to the uninterrupted runs."""
     out, found = runs
-    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [
-        "ckpt-000000010.pt", "ckpt-000000020.pt"]  # written once, by rank 0
-    (out / "resume-ckpt").mkdir()
-    shutil.copy(out / "ckpt" / "ckpt-000000010.pt", out / "resume-ckpt")
-    launch_torchrun(out, ["resume"])
-    for r in range(2):
-        resumed = torch.load(out / f"resume-rank{r}.pt", weights_only=True)
-        full = found["ckpt"][r]
-        assert resumed["global_step"] == 20
-        assert all(torch.equal(resumed["params"][k], v) for k, v in full["params"].items())
-        assert resumed["last_loss"] == full["last_loss"]  # each rank's own batches and dropout
-    assert found["ckpt"][0]["last_loss"] != found["ckpt"][1]["last_loss"]
+    runs_ = ["ckpt", "zero-sama"]
+    for run in runs_:
+        folder = out / ("ckpt" if run == "ckpt" else f"{run}-ckpt")
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "ckpt-000000010.pt", "ckpt-000000020.pt"]  # written once, by rank 0
+        (out / f"resume-{run}-in").mkdir()
+        shutil.copy(folder / "ckpt-000000010.pt", out / f"resume-{run}-in")
+    launch_torchrun(out, [f"resume-{run}" for run in runs_])
+    for run in runs_:
+        for r in range(2):
+            resumed = torch.load(out / f"resume-{run}-rank{r}.pt", weights_only=True)
+            full = found[run][r]
+            assert resumed["global_step"] == 20
+            assert all(torch.equal(resumed["params"][k], v) for k, v in full["params"].items())
+            assert resumed["last_loss"] == full["last_loss"]  # each rank's batches and dropout
+        assert found[run][0]["last_loss"] != found[run][1]["last_loss"]
 
 
 # --------------------------------------------------------------------------- in-process

@@ -9,11 +9,12 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
 
 * ``equal-<method>``: 20 meta-steps with per-rank batch B (strategy "ddp"), counting the
   ``torch.distributed.all_reduce`` calls (a counting wrapper around the real function).
-* ``zero-<method>``: the same with strategy "zero".
+* ``zero-<method>``: the same with strategy "zero", with checkpoints every 10 iterations.
 * ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
   stopping on rank 0's metric, JSONL logs.
 * ``ckpt``: dropout with per-rank random streams, checkpoints every 10 of 20 iterations.
-* ``resume``: resume ``ckpt``'s checkpoint of step 10 (copied to OUT_DIR/resume-ckpt).
+* ``resume-<run>``: resume the checkpoint of step 10 of the scenario ``<run>`` (``ckpt`` or
+  ``zero-<method>``), copied to ``OUT_DIR/resume-<run>-in``, up to iteration 20.
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
             calls[0] += 1
             return real(*args, **kwargs)
 
+        ckpt: dict[str, Any] = {} if kind == "equal" else {
+            "checkpoint_dir": str(out / f"{name}-ckpt"), "checkpoint_step": 10, "keep_last": 5}
         engine = build(method, strategy="ddp" if kind == "equal" else "zero", batch=B,
-                       replicas=world, rank=rank)
+                       replicas=world, rank=rank, **ckpt)
         dist.all_reduce = counting  # type: ignore[assignment]
         try:
             engine.run()
@@ -140,10 +143,11 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
                        keep_last=5)
         engine.run()
         return result(engine)
-    if kind == "resume":
-        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
-                       dropout=0.3, checkpoint_dir=str(out / "resume-ckpt"), resume=True,
-                       checkpoint_step=10)
+    if kind == "resume":  # resume-ckpt: darts, ddp, dropout; resume-zero-<method>: zero
+        zero = method.startswith("zero-")
+        engine = build(method[5:] if zero else "darts", strategy="zero" if zero else "ddp",
+                       batch=B, replicas=world, rank=rank, dropout=0.0 if zero else 0.3,
+                       checkpoint_dir=str(out / f"{name}-in"), resume=True, checkpoint_step=10)
         engine.run()
         return result(engine)
     raise SystemExit(f"unknown scenario {name!r}")
