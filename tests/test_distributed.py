@@ -119,10 +119,11 @@ def test_all_reduce_calls_per_meta_step(
     runs: tuple[Path, dict[str, list[Any]]], method: str
 ) -> None:
     """Per meta-step: the lower step's gradient (1); the upper step's [v, ∂λ L_out] (1) and
-    local hypergradient contributions (1); one per Hessian-vector product (cg, neumann)."""
+    local hypergradient contributions (1); plus one per Hessian-vector product (cg,
+    neumann, fixed_point and its power iterations)."""
     _, found = runs
     for result in found[f"equal-{method}"]:
-        assert result["all_reduce"] == STEPS * (3 + HVPS[method])
+        assert result["all_reduce"] == 3 * STEPS + HVPS[method]
 
 
 @pytest.mark.parametrize("method", ["darts", "sama"])
@@ -187,6 +188,27 @@ def test_missing_torchrun_environment_is_a_clear_error(monkeypatch: pytest.Monke
     with pytest.raises(zg.ZigguratError, match="torchrun --nproc-per-node") as info:
         build("darts", strategy="ddp", batch=B, replicas=1, rank=0)
     assert "RANK" in str(info.value) and "strategy='none'" in str(info.value)
+
+
+def test_programs_a_data_parallel_run_cannot_do_exactly_are_refused() -> None:
+    net = torch.nn.Linear(2, 1)
+    upper = torch.nn.Linear(1, 1)
+
+    def engine(inner: zg.Problem, strategy: str) -> zg.Engine:
+        outer = zg.Problem("outer", upper, torch.optim.SGD(upper.parameters(), lr=0.1),
+                           training_step=lambda p, b: p.inner.module.weight.sum())
+        return zg.Engine([outer, inner], {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+                         config=zg.EngineConfig(strategy=strategy, summary=False))
+
+    def lower(cls: type[zg.Problem], config: zg.Config) -> zg.Problem:
+        return cls("inner", net, torch.optim.SGD(net.parameters(), lr=0.1), config=config,
+                   training_step=lambda p, b: (p.module.weight * p.outer.module.weight).sum())
+
+    with pytest.raises(zg.ConfigError, match="unrolled hypergradients are not data-parallel"):
+        engine(lower(zg.IterativeProblem, zg.Config(type="reverse")), "ddp")
+    with pytest.raises(zg.ConfigError, match="roll-back snapshot") as info:
+        engine(lower(zg.ImplicitProblem, zg.Config(roll_back=True)), "zero")
+    assert info.value.field == "config.roll_back"
 
 
 def test_backend_that_cannot_serve_the_device_is_refused() -> None:

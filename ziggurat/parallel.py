@@ -44,10 +44,18 @@ class DataParallel:
                 "fixed_point, and the unrolled ones) differentiates with respect to "
                 "parameters; 'zero' shards the optimizer state exactly instead",
             )
-        self.comm = comm if comm is not None else init_distributed(strategy)
         self.problems = list(problems)
+        for p in self.problems:  # before joining the process group: errors come first
+            _check(p, strategy)
+        self.comm = comm if comm is not None else init_distributed(strategy)
         for p in self.problems:
-            self._check(p)
+            for t in p.parameters():
+                if t.device.type != self.comm.device.type:
+                    raise ConfigError(
+                        p.name, "module", f"parameters on {t.device}",
+                        f"parameters on {self.comm.device} for the {self.comm.backend} "
+                        f"backend (move the module with .to(zg.distributed.device()))",
+                    )
         for p in self.problems:
             self._prepare(p)
 
@@ -55,37 +63,6 @@ class DataParallel:
     def is_main(self) -> bool:
         """True on rank 0 (the rank that writes logs and checkpoints)."""
         return self.comm.is_main
-
-    def _check(self, p: Problem) -> None:
-        from .iterative import IterativeProblem
-
-        strategy = self.comm.strategy
-        if isinstance(p, IterativeProblem):
-            raise ConfigError(
-                p.name, "EngineConfig.strategy", strategy,
-                "'none' for a program with an IterativeProblem: unrolled hypergradients are "
-                "not data-parallel yet; use an ImplicitProblem (darts, sama, cg, neumann, "
-                "fixed_point) or one process",
-            )
-        if p.config.roll_back and strategy == "zero":
-            raise ConfigError(
-                p.name, "config.roll_back", True,
-                "False with strategy='zero' (the roll-back snapshot would hold only this "
-                "rank's shard of the optimizer state); use strategy='ddp' for roll_back",
-            )
-        if p.config.precision == "fp16":
-            raise ConfigError(
-                p.name, "config.precision", "fp16",
-                f"'bf16' or 'fp32' with strategy={strategy!r}: fp16 loss scaling skips steps "
-                f"per rank, which would desynchronise the replicas",
-            )
-        for t in p.parameters():
-            if t.device.type != self.comm.device.type:
-                raise ConfigError(
-                    p.name, "module", f"parameters on {t.device}",
-                    f"parameters on {self.comm.device} for the {self.comm.backend} backend "
-                    f"(move the module with .to(zg.distributed.device()))",
-                )
 
     def _prepare(self, p: Problem) -> None:
         self.comm.broadcast_tensors_([*p.module.parameters(), *p.module.buffers()])
@@ -142,6 +119,31 @@ class DataParallel:
         out["problems"] = {name: {**pstate, **mine["problems"][name]}
                            for name, pstate in state["problems"].items()}
         return out
+
+
+def _check(p: Problem, strategy: str) -> None:
+    """Refuse what a data-parallel run cannot do exactly, naming the fix."""
+    from .iterative import IterativeProblem
+
+    if isinstance(p, IterativeProblem):
+        raise ConfigError(
+            p.name, "EngineConfig.strategy", strategy,
+            "'none' for a program with an IterativeProblem: unrolled hypergradients are "
+            "not data-parallel yet; use an ImplicitProblem (darts, sama, cg, neumann, "
+            "fixed_point) or one process",
+        )
+    if p.config.roll_back and strategy == "zero":
+        raise ConfigError(
+            p.name, "config.roll_back", True,
+            "False with strategy='zero' (the roll-back snapshot would hold only this "
+            "rank's shard of the optimizer state); use strategy='ddp' for roll_back",
+        )
+    if p.config.precision == "fp16":
+        raise ConfigError(
+            p.name, "config.precision", "fp16",
+            f"'bf16' or 'fp32' with strategy={strategy!r}: fp16 loss scaling skips steps "
+            f"per rank, which would desynchronise the replicas",
+        )
 
 
 def _local_state(p: Problem) -> dict[str, Any]:

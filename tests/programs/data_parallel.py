@@ -39,8 +39,10 @@ METHODS: dict[str, Callable[[], zg.HypergradMethod]] = {
     "sama": lambda: zg.SAMA(),
     "neumann": lambda: zg.Neumann(iterations=3, alpha=0.05),
     "cg": lambda: zg.CG(iterations=3, damping=0.1),
+    "fixed_point": lambda: zg.FixedPoint(iterations=3),  # step from 10 power iterations
 }
-HVPS = {"darts": 0, "sama": 0, "neumann": 3, "cg": 3}  # Hessian-vector products per call
+# Hessian-vector products in a run of STEPS meta-steps
+HVPS = {"darts": 0, "sama": 0, "neumann": 3 * 20, "cg": 3 * 20, "fixed_point": 3 * 20 + 10}
 
 
 def data() -> tuple[TensorDataset, TensorDataset]:
