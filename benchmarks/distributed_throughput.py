@@ -4,9 +4,10 @@ processes (torchrun, strategy "ddp"), for darts, sama and cg.
 Workload: the reweighting structure: classifier MLP 64-h-h-10 trained on mean(w_i · ℓ_i),
 w = meta-net(detached ℓ) with a 1-32-1 sigmoid MLP; unroll 1; per-rank batch --batch (so 2
 processes handle twice the samples per meta-iteration: weak scaling). Every process uses one
-thread. Prints meta-iterations/s and the ratio of samples/s (2 processes over 1).
+thread. Prints meta-iterations/s (median of --repeats launches, 1 and 2 processes
+alternating) and the ratio of samples/s (2 processes over 1).
 
-    python benchmarks/distributed_throughput.py --hidden 256 --iters 60
+    python benchmarks/distributed_throughput.py --hidden 1024 --iters 30 --repeats 3
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="per-rank batch")
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=METHODS)
     parser.add_argument("--strategy", default="none")
     args = parser.parse_args()
@@ -119,8 +122,11 @@ def main() -> None:
     print("| method | 1 process (it/s) | 2 processes, gloo (it/s) | samples/s ratio 2p/1p |")
     print("|---|---|---|---|")
     for method in METHODS:
-        one = measure(method, 1, args)
-        two = measure(method, 2, args)
+        ones, twos = [], []
+        for _ in range(args.repeats):
+            ones.append(measure(method, 1, args))
+            twos.append(measure(method, 2, args))
+        one, two = statistics.median(ones), statistics.median(twos)
         print(f"| {method} | {one:.1f} | {two:.1f} | {2 * two / one:.2f} |", flush=True)
 
 

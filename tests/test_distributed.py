@@ -118,9 +118,9 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(
 def test_all_reduce_calls_per_meta_step(
     runs: tuple[Path, dict[str, list[Any]]], method: str
 ) -> None:
-    """Per meta-step: the lower step's gradient (1); the upper step's [v, ∂λ L_out] (1) and
-    local hypergradient contributions (1); plus one per Hessian-vector product (cg,
-    neumann, fixed_point and its power iterations)."""
+    """Per meta-step: the lower step's gradient (1); the upper step's v (1) and its gradient,
+    direct part plus local hypergradient contributions (1); plus one per Hessian-vector
+    product (cg, neumann, fixed_point and its power iterations)."""
     _, found = runs
     for result in found[f"equal-{method}"]:
         assert result["all_reduce"] == 3 * STEPS + HVPS[method]

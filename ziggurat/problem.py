@@ -421,22 +421,18 @@ class Problem:
 
     def _global_gradients(self, own: list[Tensor], vectors: dict[str, list[Tensor]],
                           params: list[Tensor]) -> list[Tensor]:
-        """Data parallel: the mean over the ranks of ∂L/∂θ_self and of every vector v
+        """Data parallel (docs/distributed.md): the global mean of every vector v = ∂L/∂θ_read
         (one async all-reduce, finished by the first lower method once it has built its
-        gradient graph), then the local hypergradient contributions on the global v, and
-        their mean (a second all-reduce, only when there are vectors)."""
+        gradient graph), the local hypergradient contributions on the global v, then this
+        problem's gradient (own + hypergradient) averaged once (one all-reduce)."""
         comm = self.comm
         assert comm is not None
-        read = [t for vec in vectors.values() for t in vec]
-        comm.start_mean(own + read)
-        if not vectors:
+        if vectors:
+            comm.start_mean([t for vec in vectors.values() for t in vec])
+            hyper = self._hypergradient(vectors, params)
             comm.wait()
-            return own
-        hyper = self._hypergradient(vectors, params)
-        comm.wait()
-        comm.mean_(hyper)
-        self._hypergrad_norm = linalg.norm(hyper)
-        torch._foreach_add_(own, hyper)
+            torch._foreach_add_(own, hyper)
+        comm.mean_(own)
         return own
 
     # ----------------------------------------------------------------- step internals
