@@ -67,14 +67,13 @@ def launch_ranks(out: Path, scenarios: list[str], world: int = 2) -> None:
     _check(procs, timeout=240)
 
 
-def launch_torchrun(out: Path, scenarios: list[str]) -> None:
+def launch_torchrun(out: Path, scenarios: list[str]) -> subprocess.Popen[str]:
     """``python -m torch.distributed.run --nproc-per-node 2``, as users launch."""
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
          str(PROGRAM), str(out), *scenarios],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _check([proc], timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +159,7 @@ def test_two_rank_run_resumes_from_a_two_rank_checkpoint(
             "ckpt-000000010.pt", "ckpt-000000020.pt"]  # written once, by rank 0
         (out / f"resume-{run}-in").mkdir()
         shutil.copy(folder / "ckpt-000000010.pt", out / f"resume-{run}-in")
-    launch_torchrun(out, [f"resume-{run}" for run in runs_])
+    _check([launch_torchrun(out, [f"resume-{run}" for run in runs_])], timeout=180)
     for run in runs_:
         for r in range(2):
             resumed = torch.load(out / f"resume-{run}-rank{r}.pt", weights_only=True)
@@ -169,6 +168,20 @@ def test_two_rank_run_resumes_from_a_two_rank_checkpoint(
             assert all(torch.equal(resumed["params"][k], v) for k, v in full["params"].items())
             assert resumed["last_loss"] == full["last_loss"]  # each rank's batches and dropout
         assert found[run][0]["last_loss"] != found[run][1]["last_loss"]
+
+
+def test_an_error_on_one_rank_ends_the_launch_and_surfaces(tmp_path: Path) -> None:
+    """Rank 0 waits in an all-reduce that rank 1 never joins: torchrun ends both processes
+    (no hang) and reports rank 1's error."""
+    proc = launch_torchrun(tmp_path, ["fail"])
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in err
+    assert not list(tmp_path.glob("fail-rank*.pt"))
 
 
 # --------------------------------------------------------------------------- in-process

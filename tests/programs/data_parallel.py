@@ -13,6 +13,7 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
 * ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
   stopping on rank 0's metric, JSONL logs.
 * ``ckpt``: dropout with per-rank random streams, checkpoints every 10 of 20 iterations.
+* ``fail``: rank 1 raises during its third step (torchrun must end the whole launch).
 * ``resume-<run>``: resume the checkpoint of step 10 of the scenario ``<run>`` (``ckpt`` or
   ``zero-<method>``), copied to ``OUT_DIR/resume-<run>-in``, up to iteration 20.
 """
@@ -150,6 +151,19 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
         engine = build(method[5:] if zero else "darts", strategy="zero" if zero else "ddp",
                        batch=B, replicas=world, rank=rank, dropout=0.0 if zero else 0.3,
                        checkpoint_dir=str(out / f"{name}-in"), resume=True, checkpoint_step=10)
+        engine.run()
+        return result(engine)
+    if kind == "fail":  # rank 1 raises in its 3rd step; rank 0 waits in a collective
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank)
+        inner = engine.problems[1]
+        step = inner.training_step
+
+        def failing(b: Any) -> Any:
+            if rank == 1 and inner.count == 2:
+                raise RuntimeError("rank 1 fails on purpose")
+            return step(b)
+
+        inner.training_step = failing  # type: ignore[method-assign]
         engine.run()
         return result(engine)
     raise SystemExit(f"unknown scenario {name!r}")
