@@ -5,7 +5,9 @@ Workload: the reweighting structure: classifier MLP 64-h-h-10 trained on mean(w_
 w = meta-net(detached ℓ) with a 1-32-1 sigmoid MLP; unroll 1; per-rank batch --batch (so 2
 processes handle twice the samples per meta-iteration: weak scaling). Every process uses one
 thread. Prints meta-iterations/s (median of --repeats launches, 1 and 2 processes
-alternating) and the ratio of samples/s (2 processes over 1).
+alternating) and the ratio of samples/s (2 processes over 1). A control column runs one
+process under torchrun with strategy "ddp" (a world of 1): ziggurat's reduction machinery
+without any data to exchange, as a ratio to strategy "none".
 
     python benchmarks/distributed_throughput.py --hidden 1024 --iters 30 --repeats 3
 """
@@ -86,11 +88,11 @@ def worker(method: str, strategy: str, hidden: int, batch: int, iters: int, warm
         torch.distributed.destroy_process_group()
 
 
-def measure(method: str, procs: int, args: argparse.Namespace) -> float:
+def measure(method: str, procs: int, args: argparse.Namespace, strategy: str = "ddp") -> float:
     cmd = [__file__, "--worker", method, "--hidden", str(args.hidden), "--batch",
            str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if procs == 1:
+    if procs == 1 and strategy == "none":
         full = [sys.executable, *cmd, "--strategy", "none"]
     else:
         with socket.socket() as s:
@@ -98,7 +100,7 @@ def measure(method: str, procs: int, args: argparse.Namespace) -> float:
             port = s.getsockname()[1]
         full = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
                 "--master-addr", "127.0.0.1", "--master-port", str(port), *cmd,
-                "--strategy", "ddp"]
+                "--strategy", strategy]
     out = subprocess.run(full, env=env, capture_output=True, text=True, check=True).stdout
     line = [ln for ln in out.splitlines() if ln.startswith("{")][-1]
     return float(json.loads(line)["it_per_s"])
@@ -119,15 +121,19 @@ def main() -> None:
         return
     print(f"hidden {args.hidden}, per-rank batch {args.batch}, {args.iters} meta-iterations, "
           f"1 thread per process, torch {torch.__version__}")
-    print("| method | 1 process (it/s) | 2 processes, gloo (it/s) | samples/s ratio 2p/1p |")
-    print("|---|---|---|---|")
+    print("| method | 1 process (it/s) | 2 processes, gloo (it/s) | samples/s ratio 2p/1p "
+          "| control: ddp on 1 process / none |")
+    print("|---|---|---|---|---|")
     for method in METHODS:
-        ones, twos = [], []
+        ones, twos, controls = [], [], []
         for _ in range(args.repeats):
-            ones.append(measure(method, 1, args))
+            ones.append(measure(method, 1, args, "none"))
             twos.append(measure(method, 2, args))
+            controls.append(measure(method, 1, args))
         one, two = statistics.median(ones), statistics.median(twos)
-        print(f"| {method} | {one:.1f} | {two:.1f} | {2 * two / one:.2f} |", flush=True)
+        control = statistics.median(controls)
+        print(f"| {method} | {one:.1f} | {two:.1f} | {2 * two / one:.2f} | {control / one:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

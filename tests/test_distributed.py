@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 import torch
-from programs.data_parallel import HVPS, METHODS, STEPS, B, build, data
+from programs.data_parallel import HVPS, METHODS, STEPS, B, build, build3, data
 
 import ziggurat as zg
 from ziggurat.data import BatchStream
 
 PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
-SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "stop", "ckpt"]
+SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "chain3", "stop",
+             "ckpt"]
 
 
 def _free_port() -> int:
@@ -123,6 +124,22 @@ def test_all_reduce_calls_per_meta_step(
     _, found = runs
     for result in found[f"equal-{method}"]:
         assert result["all_reduce"] == 3 * STEPS + HVPS[method]
+
+
+def test_three_level_chain_two_ranks_equal_one_rank(
+    runs: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    """The global vector is carried down every edge: per iteration bot 1, mid 2 (+3 for CG's
+    Hessian-vector products through bot), top 2 (Darts through mid)."""
+    _, found = runs
+    reference = build3(strategy="none", batch=2 * B, replicas=1, rank=0)
+    start = {k: v.clone() for k, v in _params(reference).items()}
+    reference.run()
+    rank0, rank1 = found["chain3"]
+    assert _relerr(rank0["params"], _params(reference)) <= 1e-6
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in start)
+    assert min(float((start[k] - v).norm()) for k, v in _params(reference).items()) > 1e-3
+    assert rank0["all_reduce"] == STEPS * (1 + 2 + 3 + 2)
 
 
 @pytest.mark.parametrize("method", ["darts", "sama"])

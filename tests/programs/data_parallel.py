@@ -10,6 +10,7 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
 * ``equal-<method>``: 20 meta-steps with per-rank batch B (strategy "ddp"), counting the
   ``torch.distributed.all_reduce`` calls (a counting wrapper around the real function).
 * ``zero-<method>``: the same with strategy "zero", with checkpoints every 10 iterations.
+* ``chain3``: a three-level chain (``build3``), counting all-reduces as above.
 * ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
   stopping on rank 0's metric, JSONL logs.
 * ``ckpt``: dropout with per-rank random streams, checkpoints every 10 of 20 iterations.
@@ -105,6 +106,46 @@ def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
                   config=zg.EngineConfig(**settings))
 
 
+def build3(*, strategy: str, batch: int, replicas: int, rank: int) -> zg.Engine:
+    """Three levels, zg.chain(top, mid, bot): bot's MLP with mid's per-weight decay (CG
+    through bot), mid's decay trained on held-out MSE plus top's penalty (Darts through mid),
+    top's penalty trained on a loss of mid's decay on its own batch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 1)).to(DTYPE)
+    mid_m = torch.nn.ParameterDict({"decay": torch.nn.Parameter(
+        torch.full((4, 5), -1.0, dtype=DTYPE))})
+    top_m = torch.nn.ParameterDict({"s": torch.nn.Parameter(torch.zeros(1, dtype=DTYPE))})
+    train, val = loaders(batch, replicas, rank)
+    _, top_data = loaders(batch, replicas, rank)
+
+    def bot_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        decay = torch.nn.functional.softplus(p.mid.module["decay"])
+        return ((p(x) - y) ** 2).mean() + 0.5 * (decay * net[0].weight ** 2).sum()
+
+    def mid_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        penalty = torch.nn.functional.softplus(p.top.module["s"])
+        return ((p.bot(x) - y) ** 2).mean() + (penalty * p.module["decay"] ** 2).sum()
+
+    def top_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        scale = torch.nn.functional.softplus(p.mid.module["decay"]).mean(0)
+        return ((x @ scale - y.squeeze(1)) ** 2).mean()
+
+    bot = zg.ImplicitProblem("bot", net, torch.optim.SGD(net.parameters(), lr=0.05),
+                             train_data_loader=train, training_step=bot_loss,
+                             config=zg.Config(type=zg.CG(iterations=3, damping=0.1)))
+    mid = zg.ImplicitProblem("mid", mid_m, torch.optim.SGD(mid_m.parameters(), lr=0.1),
+                             train_data_loader=val, training_step=mid_loss,
+                             config=zg.Config(type="darts"))
+    top = zg.Problem("top", top_m, torch.optim.Adam(top_m.parameters(), lr=0.05),
+                     train_data_loader=top_data, training_step=top_loss)
+    return zg.Engine([top, mid, bot], zg.chain(top, mid, bot), config=zg.EngineConfig(
+        train_iters=STEPS, progress="off", summary=False, logger_type=(), strategy=strategy))
+
+
 def result(engine: zg.Engine) -> dict[str, Any]:
     return {"params": {f"{p.name}.{k}": v.detach().clone()
                        for p in engine.problems for k, v in p.module.state_dict().items()},
@@ -127,6 +168,21 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
         engine = build(method, strategy="ddp" if kind == "equal" else "zero", batch=B,
                        replicas=world, rank=rank, **ckpt)
         dist.all_reduce = counting  # type: ignore[assignment]
+        try:
+            engine.run()
+        finally:
+            dist.all_reduce = real
+        return {**result(engine), "all_reduce": calls[0]}
+    if kind == "chain3":
+        calls = [0]
+        real = dist.all_reduce
+
+        def counting3(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return real(*args, **kwargs)
+
+        engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank)
+        dist.all_reduce = counting3  # type: ignore[assignment]
         try:
             engine.run()
         finally:
