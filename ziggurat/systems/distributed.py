@@ -150,16 +150,41 @@ def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device],
     return out
 
 
+class _Buffers:
+    """Flat communication buffers kept between steps, one per (dtype, device, size): a
+    fresh multi-megabyte buffer every call costs page faults on first touch."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[torch.dtype, torch.device, int], list[Tensor]] = {}
+
+    def take(self, tensors: list[Tensor]) -> Tensor:
+        """A buffer holding the concatenation of ``tensors`` (flattened)."""
+        numel = sum(t.numel() for t in tensors)
+        free = self._free.get((tensors[0].dtype, tensors[0].device, numel))
+        buf = free.pop() if free else None
+        if buf is None:
+            return torch.cat([t.detach().reshape(-1) for t in tensors])
+        return torch.cat([t.detach().reshape(-1) for t in tensors], out=buf)
+
+    def give(self, buf: Tensor) -> None:
+        """Return a buffer once nothing reads it any more."""
+        self._free.setdefault((buf.dtype, buf.device, buf.numel()), []).append(buf)
+
+
 class Pending:
     """An all-reduce in flight over a list of tensors; ``wait()`` writes the result back
     into them (divided by ``divisor``) and is idempotent."""
 
-    def __init__(self, tensors: list[Tensor], divisor: float) -> None:
+    def __init__(self, tensors: list[Tensor], divisor: float,
+                 buffers: _Buffers | None = None) -> None:
         self.tensors = tensors
         self.divisor = divisor
+        self._buffers = buffers
         self._work: list[tuple[Any, Tensor, list[int]]] = []
         for indices in _groups(tensors).values():
-            flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+            group = [tensors[i] for i in indices]
+            flat = (buffers.take(group) if buffers is not None
+                    else torch.cat([t.detach().reshape(-1) for t in group]))
             self._work.append((dist.all_reduce(flat, async_op=True), flat, indices))
 
     @property
@@ -180,6 +205,8 @@ class Pending:
                     t = self.tensors[i]
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
+            if self._buffers is not None:
+                self._buffers.give(flat)
 
 
 class Communicator:
@@ -201,6 +228,7 @@ class Communicator:
         self.backend = backend
         self.strategy = strategy
         self._pending: Pending | None = None
+        self._buffers = _Buffers()
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, world_size={self.world_size}, "
@@ -222,7 +250,7 @@ class Communicator:
         The communicator remembers it, so ``wait()`` on the communicator finishes it too."""
         if self._pending is not None:
             self._pending.wait()
-        self._pending = Pending(tensors, float(self.world_size))
+        self._pending = Pending(tensors, float(self.world_size), self._buffers)
         return self._pending
 
     @property
@@ -238,11 +266,11 @@ class Communicator:
 
     def mean_(self, tensors: list[Tensor]) -> None:
         """Replace ``tensors`` by their mean over the ranks, in place (one all-reduce)."""
-        Pending(tensors, float(self.world_size)).wait()
+        Pending(tensors, float(self.world_size), self._buffers).wait()
 
     def sum_(self, tensors: list[Tensor]) -> None:
         """Replace ``tensors`` by their sum over the ranks, in place (one all-reduce)."""
-        Pending(tensors, 1.0).wait()
+        Pending(tensors, 1.0, self._buffers).wait()
 
     # ------------------------------------------------------------------ objects
     def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int = 0) -> None:
