@@ -241,9 +241,17 @@ def test_programs_a_data_parallel_run_cannot_do_exactly_are_refused() -> None:
     assert info.value.field == "config.roll_back"
 
 
-def test_backend_that_cannot_serve_the_device_is_refused() -> None:
+def test_backend_that_cannot_serve_the_device_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with pytest.raises(zg.ConfigError, match="nccl serves CUDA tensors only"):
         zg.distributed.check_backend("nccl", torch.device("cpu"))
+    monkeypatch.setenv("ZIGGURAT_DIST_BACKEND", "gloo")
+    assert zg.distributed.choose_backend(0) == (torch.device("cpu"), "gloo")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ZIGGURAT_DIST_BACKEND", "nccl")
+        with pytest.raises(zg.ConfigError, match="unset ZIGGURAT_DIST_BACKEND"):
+            zg.distributed.choose_backend(0)
 
 
 def test_fsdp_is_refused_with_the_reason_and_the_alternative() -> None:

@@ -90,12 +90,13 @@ def detect_environment(strategy: str = "ddp") -> DistEnvironment:
 
 def choose_backend(local_rank: int) -> tuple[torch.device, str]:
     """(device, backend): ``cuda:local_rank`` and nccl when CUDA is available, else the CPU
-    and gloo; the backend may be overridden by ZIGGURAT_DIST_BACKEND."""
-    if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+    and gloo. ZIGGURAT_DIST_BACKEND overrides the backend ("gloo" then means the CPU)."""
+    backend = os.environ.get(_BACKEND_VAR)
+    if torch.cuda.is_available() and backend != "gloo":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     else:
-        device, backend = torch.device("cpu"), "gloo"
-    backend = os.environ.get(_BACKEND_VAR, backend)
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     check_backend(backend, device)
     return device, backend
 
@@ -136,11 +137,9 @@ def init_distributed(strategy: str) -> Communicator:
 
 
 def device() -> torch.device:
-    """The device this rank should put its modules on (``cuda:LOCAL_RANK`` or the CPU)."""
-    if torch.cuda.is_available() and os.environ.get(_BACKEND_VAR, "nccl") != "gloo":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))
-                            % torch.cuda.device_count())
-    return torch.device("cpu")
+    """The device this rank should put its modules on (``cuda:LOCAL_RANK`` or the CPU), as
+    :func:`choose_backend` picks it."""
+    return choose_backend(int(os.environ.get("LOCAL_RANK", "0")))[0]
 
 
 def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
