@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 import torch
-from programs.data_parallel import HVPS, METHODS, STEPS, B, build, build3, data
+from programs.data_parallel import HVPS, METHODS, STEPS, SYSTEMS, B, build, build3, data
 
 import ziggurat as zg
 from ziggurat.data import BatchStream
 
 PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
-SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "chain3", "stop",
-             "ckpt"]
+SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "chain3", "systems",
+             "stop", "ckpt"]
 
 
 def _free_port() -> int:
@@ -124,6 +124,21 @@ def test_all_reduce_calls_per_meta_step(
     _, found = runs
     for result in found[f"equal-{method}"]:
         assert result["all_reduce"] == 3 * STEPS + HVPS[method]
+
+
+def test_unroll_roll_back_and_accumulation_two_ranks_equal_one_rank(
+    runs: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    reference = build("cg", strategy="none", batch=2 * B, replicas=1, rank=0, inner=SYSTEMS)
+    reference.run()
+    assert _relerr(found_params(runs, "systems"), _params(reference)) <= 1e-6
+
+
+def found_params(runs: tuple[Path, dict[str, list[Any]]], name: str) -> dict[str, torch.Tensor]:
+    rank0, rank1 = runs[1][name]
+    assert all(torch.equal(v, rank1["params"][k]) for k, v in rank0["params"].items())
+    params: dict[str, torch.Tensor] = rank0["params"]
+    return params
 
 
 def test_three_level_chain_two_ranks_equal_one_rank(

@@ -10,6 +10,7 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
 * ``equal-<method>``: 20 meta-steps with per-rank batch B (strategy "ddp"), counting the
   ``torch.distributed.all_reduce`` calls (a counting wrapper around the real function).
 * ``zero-<method>``: the same with strategy "zero", with checkpoints every 10 iterations.
+* ``systems``: CG with unroll 2, roll-back and gradient accumulation 2 (``SYSTEMS``).
 * ``chain3``: a three-level chain (``build3``), counting all-reduces as above.
 * ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
   stopping on rank 0's metric, JSONL logs.
@@ -43,6 +44,7 @@ METHODS: dict[str, Callable[[], zg.HypergradMethod]] = {
     "cg": lambda: zg.CG(iterations=3, damping=0.1),
     "fixed_point": lambda: zg.FixedPoint(iterations=3),  # step from 10 power iterations
 }
+SYSTEMS = {"unroll_steps": 2, "roll_back": True, "gradient_accumulation": 2}
 # Hessian-vector products in a run of STEPS meta-steps
 HVPS = {"darts": 0, "sama": 0, "neumann": 3 * 20, "cg": 3 * 20, "fixed_point": 3 * 20 + 10}
 
@@ -74,7 +76,8 @@ class Engine(zg.Engine):
 
 
 def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
-          dropout: float = 0.0, **engine: Any) -> zg.Engine:
+          dropout: float = 0.0, inner: Mapping[str, Any] | None = None,
+          **engine: Any) -> zg.Engine:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Dropout(dropout),
                               torch.nn.Linear(4, 1)).to(DTYPE)
@@ -96,13 +99,14 @@ def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
 
     lower_opt = (torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama"
                  else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
-    inner = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
-                               training_step=inner_loss, config=zg.Config(type=METHODS[method]()))
+    lower = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
+                               training_step=inner_loss,
+                               config=zg.Config(type=METHODS[method](), **(inner or {})))
     outer = zg.Problem("outer", upper, torch.optim.Adam(upper.parameters(), lr=0.02),
                        train_data_loader=val, training_step=outer_loss)
     settings: dict[str, Any] = {"train_iters": STEPS, "progress": "off", "summary": False,
                                 "logger_type": (), "strategy": strategy, **engine}
-    return Engine([outer, inner], {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+    return Engine([outer, lower], {"u2l": {outer: [lower]}, "l2u": {lower: [outer]}},
                   config=zg.EngineConfig(**settings))
 
 
@@ -188,6 +192,10 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
         finally:
             dist.all_reduce = real
         return {**result(engine), "all_reduce": calls[0]}
+    if kind == "systems":  # unroll 2 with roll-back, 2 micro-batches per step, CG
+        engine = build("cg", strategy="ddp", batch=B, replicas=world, rank=rank, inner=SYSTEMS)
+        engine.run()
+        return result(engine)
     if kind == "stop":
         engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
                        train_iters=50, valid_step=2, early_stopping_metric="loss",
