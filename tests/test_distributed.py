@@ -200,6 +200,11 @@ def test_two_rank_run_resumes_from_a_two_rank_checkpoint(
             assert all(torch.equal(resumed["params"][k], v) for k, v in full["params"].items())
             assert resumed["last_loss"] == full["last_loss"]  # each rank's batches and dropout
         assert found[run][0]["last_loss"] != found[run][1]["last_loss"]
+    # one process refuses a checkpoint of two
+    one = build("darts", strategy="none", batch=2 * B, replicas=1, rank=0,
+                checkpoint_dir=str(out / "resume-ckpt-in"), resume=True)
+    with pytest.raises(zg.ZigguratError, match="written by a run with 2 processes"):
+        one.run()
 
 
 def test_an_error_on_one_rank_ends_the_launch_and_surfaces(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
 from .logging import MetricRecord, MetricsStream, Progress, make_sinks
-from .parallel import DataParallel
+from .parallel import DataParallel, select_state
 from .problem import Problem
 from .render import summary
 
@@ -144,8 +144,7 @@ class Engine:
             if cfg.resume:
                 found = manager.load_latest()
                 if found is not None:
-                    self.load_state_dict(found[0] if self._parallel is None
-                                         else self._parallel.select(found[0]))
+                    self.load_state_dict(select_state(self._parallel, found[0]))
                     resumed_at = self.global_step
             elif manager.paths() and not self._owns_checkpoints:
                 raise ConfigError(

@@ -146,6 +146,20 @@ def _check(p: Problem, strategy: str) -> None:
         )
 
 
+def select_state(parallel: DataParallel | None, state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint as this process should load it; a one-process run refuses a
+    checkpoint written by several processes (and the reverse, in ``DataParallel.select``)."""
+    if parallel is not None:
+        return parallel.select(state)
+    if "ranks" in state:
+        raise ZigguratError(
+            f"the checkpoint was written by a run with {state.get('world_size')} processes and "
+            f"this run has 1; resume with the same number of processes (torchrun "
+            f"--nproc-per-node {state.get('world_size')}) and the same EngineConfig.strategy."
+        )
+    return state
+
+
 def _local_state(p: Problem) -> dict[str, Any]:
     """What ``Problem.state_dict`` holds under RANK_LOCAL_KEYS, without the optimizer's
     state (which ZeRO only gives on rank 0)."""
