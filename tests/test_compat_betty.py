@@ -478,12 +478,9 @@ def test_config_translation_and_strategies() -> None:
         with pytest.raises(ConfigError, match=field):
             Config(**{field: True}).to_ziggurat(zg.Darts())
     assert EngineConfig(strategy="cpu").to_ziggurat().train_iters == 50000
-    has_strategy = "strategy" in zg.EngineConfig.__dataclass_fields__
-    if has_strategy:
-        assert EngineConfig(strategy="distributed").to_ziggurat().strategy == "ddp"  # type: ignore[attr-defined]
-    else:
-        with pytest.raises(ConfigError, match="strategy='ddp'"):
-            EngineConfig(strategy="distributed").to_ziggurat()
+    assert [EngineConfig(strategy=s).to_ziggurat().strategy
+            for s in ("default", "cpu", "gpu", "distributed", "zero", "fsdp")] == [
+        "none", "none", "none", "ddp", "zero", "fsdp"]
     with pytest.raises(ConfigError, match="Accelerate is not supported"):
         EngineConfig(strategy="accelerate").to_ziggurat()
     with pytest.raises(ConfigError, match="reinforce"):

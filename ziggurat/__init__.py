@@ -25,6 +25,7 @@ from .hypergrad import (
 )
 from .iterative import IterativeProblem
 from .problem import ImplicitProblem, Problem
+from .systems import distributed
 from .unrolled import EvolutionStrategies, Forward, Reinforce, Reverse
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "build_graph",
     "chain",
     "checkpoint",
+    "distributed",
     "logging",
     "optim",
     "register",

@@ -16,6 +16,7 @@ from .logging.progress import PROGRESS_MODES
 from .logging.stream import check_sinks
 from .registry import REGISTRY, Method, resolve
 from .systems import PRECISIONS
+from .systems.distributed import STRATEGIES
 from .validation import check_bool, check_float, check_int
 
 # Betty-style shorthand fields: (field name, methods it applies to, setting of the method).
@@ -162,6 +163,11 @@ class EngineConfig:
         progress: progress bar over iterations: "auto" (a bar on a terminal, plain lines
             otherwise), "rich", "tqdm", "plain" or "off".
         summary: print a one-screen summary of the program when ``run`` starts.
+        strategy: "none" (one process), or data parallel over the processes of a torchrun
+            launch: "ddp" (replicas, gradients averaged by all-reduce), "zero" (as ddp, with
+            each optimizer's state sharded by ZeroRedundancyOptimizer); "fsdp" is refused
+            with the reason (see docs/distributed.md). Betty's ``strategy`` values
+            ("distributed", "zero", "fsdp") map here through ``ziggurat.compat.betty``.
 
     Example:
         >>> import ziggurat as zg
@@ -185,6 +191,7 @@ class EngineConfig:
     run_name: str = "run"
     progress: str = "auto"
     summary: bool = True
+    strategy: str = "none"
 
     def __post_init__(self) -> None:
         check_int("EngineConfig", "train_iters", self.train_iters, 1)
@@ -222,6 +229,9 @@ class EngineConfig:
             raise ConfigError("EngineConfig", "progress", self.progress,
                               f"one of {PROGRESS_MODES}")
         check_bool("EngineConfig", "summary", self.summary)
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
+            raise ConfigError("EngineConfig", "strategy", self.strategy,
+                              f"one of {STRATEGIES} (launch with torchrun for the others)")
         for name in ("checkpoint_step", "resume"):
             if getattr(self, name) not in (None, False) and self.checkpoint_dir is None:
                 raise ConfigError("EngineConfig", "checkpoint_dir", None,

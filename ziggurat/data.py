@@ -42,10 +42,13 @@ class BatchStream:
         # for resuming: the random state each pass started from, and batches drawn since
         self._starts: list[dict[str, Any] | None] = [None] * len(self.sources)
         self._positions = [0] * len(self.sources)
+        self._passes = [0] * len(self.sources)  # passes started (DistributedSampler epochs)
         self._on_epoch_end = on_epoch_end
         self.epoch = 0
 
     def _start_pass(self, i: int) -> Iterator[Any]:
+        _set_epoch(self.sources[i], self._passes[i])
+        self._passes[i] += 1
         self._starts[i] = {
             "torch": torch.get_rng_state(),
             "generators": [g.get_state() for g in _generators(self.sources[i])],
@@ -81,8 +84,8 @@ class BatchStream:
     def state_dict(self) -> dict[str, Any]:
         """Where each loader stands: its pass's starting random state and batches drawn."""
         return {"epoch": self.epoch,
-                "sources": [{"start": s, "position": n}
-                            for s, n in zip(self._starts, self._positions)]}
+                "sources": [{"start": s, "position": n, "passes": k}
+                            for s, n, k in zip(self._starts, self._positions, self._passes)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Recreate each loader's current pass from its starting random state and skip the
@@ -96,12 +99,14 @@ class BatchStream:
             for i, entry in enumerate(state["sources"]):
                 start, position = entry["start"], int(entry["position"])
                 self._starts[i], self._positions[i] = start, position
+                self._passes[i] = int(entry.get("passes", 0))
                 if start is None:
                     self._iterators[i] = None
                     continue
                 torch.set_rng_state(start["torch"])
                 for generator, saved in zip(_generators(self.sources[i]), start["generators"]):
                     generator.set_state(saved)
+                _set_epoch(self.sources[i], self._passes[i] - 1)
                 it = iter(self.sources[i])
                 for _ in range(position):
                     next(it)
@@ -116,6 +121,14 @@ class BatchStream:
         if len(self.sources) == 1:
             return self._next_from(0)
         return tuple(self._next_from(i) for i in range(len(self.sources)))
+
+
+def _set_epoch(source: object, epoch: int) -> None:
+    """Tell a DataLoader's DistributedSampler which pass starts (it reseeds its shuffle
+    with seed + epoch, identically on every rank)."""
+    sampler = getattr(source, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.set_epoch(epoch)
 
 
 def _generators(source: object) -> list[torch.Generator]:

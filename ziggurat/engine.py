@@ -23,6 +23,7 @@ from .config import EngineConfig
 from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
 from .logging import MetricRecord, MetricsStream, Progress, make_sinks
+from .parallel import DataParallel, select_state
 from .problem import Problem
 from .render import summary
 
@@ -63,6 +64,10 @@ class Engine:
         self._logged_counts: dict[str, int] = {}
         for p in self.problems:
             p.initialize()
+        # strategy "ddp" / "zero": one replica per rank, see ziggurat.parallel
+        self._parallel: DataParallel | None = (
+            None if self.config.strategy == "none"
+            else DataParallel(self.config.strategy, self.problems))
         self.set_dependency(dependencies)
 
     # ----------------------------------------------------------------- program structure
@@ -139,7 +144,7 @@ class Engine:
             if cfg.resume:
                 found = manager.load_latest()
                 if found is not None:
-                    self.load_state_dict(found[0])
+                    self.load_state_dict(select_state(self._parallel, found[0]))
                     resumed_at = self.global_step
             elif manager.paths() and not self._owns_checkpoints:
                 raise ConfigError(
@@ -158,19 +163,21 @@ class Engine:
                             f"a resumed run can differ from an uninterrupted one; use "
                             f"persistent_workers=False for bit-identical resumes",
                             stacklevel=2)
-            if not is_plain(self.state_dict()):
+            if not self._state_is_plain():
                 raise ZigguratError(
                     "checkpoints are on but the program's state holds objects that cannot be "
                     "saved safely (a scheduler, batch or method state that is not made of "
                     "tensors, numbers, strings, lists, tuples and dicts); fix it or turn "
                     "checkpointing off."
                 )
-        if cfg.summary:
+        main = self._parallel is None or self._parallel.is_main  # rank 0 alone writes
+        if cfg.summary and main:
             print(summary(self.graph, self.problems), flush=True)
         start = time.perf_counter() - self._elapsed
-        progress = Progress(cfg.train_iters, cfg.progress, initial=self.global_step)
-        with MetricsStream(make_sinks(cfg.logger_type, cfg.log_dir, cfg.run_name,
-                                      _config_record(self), resumed_at)) as stream:
+        progress = Progress(cfg.train_iters, cfg.progress if main else "off",
+                            initial=self.global_step)
+        with MetricsStream(make_sinks(cfg.logger_type if main else (), cfg.log_dir,
+                                      cfg.run_name, _config_record(self), resumed_at)) as stream:
             try:
                 self._run_loop(manager, stream, progress, start)
             finally:
@@ -179,7 +186,7 @@ class Engine:
         for problem in self.problems:
             problem.sync()
         if manager is not None and self.checkpointable:
-            manager.save(self.state_dict(), self.global_step)
+            self._save(manager)
 
     def _run_loop(self, manager: CheckpointManager | None, stream: MetricsStream,
                   progress: Progress, start: float) -> None:
@@ -194,6 +201,8 @@ class Engine:
                 progress.update(self.global_step, self._latest_losses())
             if cfg.valid_step is not None and self.global_step % cfg.valid_step == 0:
                 metrics = self.validation()
+                if self._parallel is not None:  # every rank uses rank 0's metrics
+                    metrics = self._parallel.agree(metrics)
                 if metrics is not None:
                     self.validation_history.append((self.global_step, dict(metrics)))
                     stream.write(MetricRecord(
@@ -208,7 +217,7 @@ class Engine:
                 due = due or self.global_step % cfg.checkpoint_step == 0
                 if due and self.checkpointable:
                     self._elapsed = time.perf_counter() - start
-                    manager.save(self.state_dict(), self.global_step)
+                    self._save(manager)
                     due = False
 
     def _latest_losses(self) -> dict[str, float]:
@@ -234,6 +243,25 @@ class Engine:
     def checkpointable(self) -> bool:
         """True at iteration boundaries where no problem holds an open unroll graph."""
         return all(p.checkpointable for p in self.problems)
+
+    def _save(self, manager: CheckpointManager) -> None:
+        """Write a checkpoint (data parallel: collective; rank 0 writes every rank's part)."""
+        if self._parallel is None:
+            manager.save(self.state_dict(), self.global_step)
+            return
+        state = self._parallel.gather_state(self.state_dict,
+                                            self._parallel.local_part(rng_state()))
+        if state is not None:
+            manager.save(state, self.global_step)
+
+    def _state_is_plain(self) -> bool:
+        """Whether the state can be checkpointed (data parallel: rank 0 decides for all)."""
+        if self._parallel is None:
+            return is_plain(self.state_dict())
+        state = self._parallel.gather_state(self.state_dict,
+                                            self._parallel.local_part(rng_state()))
+        return bool(self._parallel.comm.broadcast_object(
+            None if state is None else is_plain(state)))
 
     def state_dict(self) -> dict[str, Any]:
         """The whole program: every problem's state, the schedule, validation and RNGs."""

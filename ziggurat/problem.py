@@ -22,6 +22,7 @@ from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
 from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
+from .systems.distributed import Communicator
 from .unrolled.reparam import use_parameters
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class Problem:
         self._initialized = False
         self._scaler: DynamicLossScaler | None = None
         self._unroll_batches: list[list[Any]] = []
+        #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
+        self.comm: Communicator | None = None
 
     #: which family of methods this kind of problem uses (see ``zg.registry``)
     method_family: Family = "implicit"
@@ -399,7 +402,9 @@ class Problem:
                 self.count += 1
                 return
         grads = own
-        if vectors:
+        if self.comm is not None:  # data parallel: see docs/distributed.md
+            grads = self._global_gradients(own, vectors, params)
+        elif vectors:
             torch._foreach_add_(grads, self._hypergradient(vectors, params))
         grads = self._final_gradients(grads, params)
         if self.config.gradient_clipping is not None:
@@ -413,6 +418,22 @@ class Problem:
         for p in params:
             p.grad = None
         self.count += 1
+
+    def _global_gradients(self, own: list[Tensor], vectors: dict[str, list[Tensor]],
+                          params: list[Tensor]) -> list[Tensor]:
+        """Data parallel (docs/distributed.md): the global mean of every vector v = ∂L/∂θ_read
+        (one async all-reduce, finished by the first lower method once it has built its
+        gradient graph), the local hypergradient contributions on the global v, then this
+        problem's gradient (own + hypergradient) averaged once (one all-reduce)."""
+        comm = self.comm
+        assert comm is not None
+        if vectors:
+            comm.start_mean([t for vec in vectors.values() for t in vec])
+            hyper = self._hypergradient(vectors, params)
+            comm.wait()
+            torch._foreach_add_(own, hyper)
+        comm.mean_(own)
+        return own
 
     # ----------------------------------------------------------------- step internals
     @property
@@ -648,6 +669,7 @@ class ImplicitProblem(Problem):
             name=self.name,
             upper_name=upper.name,
             key=key,
+            reduce=self.comm,
         )
 
     def _recomputed_loss(self, batch: Any) -> Tensor:

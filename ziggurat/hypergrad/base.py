@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -31,6 +31,33 @@ from .linalg import TensorList
 
 MixedMode = Literal["auto", "exact", "fd"]
 MIXED_MODES: tuple[str, ...] = ("auto", "exact", "fd")
+
+
+class Reducer(Protocol):
+    """Cross-process reductions of a data-parallel run (``zg.distributed.Communicator``).
+
+    Each rank holds L_in on its own shard of the batch; the global L_in is their mean, so
+    every product linear in L_in (H x, the mixed product) is the mean of the local ones.
+    """
+
+    @property
+    def pending(self) -> bool:
+        """True while the vector v handed to the method is still being all-reduced."""
+        ...
+
+    @property
+    def shards_optimizer_state(self) -> bool:
+        """True when each rank holds only its shard of the optimizer state (ZeRO)."""
+        ...
+
+    def wait(self) -> None:
+        """Finish the all-reduce of v."""
+
+    def mean_(self, tensors: list[Tensor]) -> None:
+        """In-place mean over the ranks (one all-reduce)."""
+
+    def sum_(self, tensors: list[Tensor]) -> None:
+        """In-place sum over the ranks (one all-reduce)."""
 
 
 @dataclass
@@ -47,6 +74,8 @@ class InnerObjective:
         name / upper_name: used in error messages.
         key: identifies the request (which upper problem, which path) for methods that
             keep per-request state, such as FixedPoint's warm start.
+        reduce: data-parallel runs only: averages each Hessian-vector product over the
+            ranks (so solvers iterate on the global H, identically on every rank).
     """
 
     params: Sequence[Tensor]
@@ -57,6 +86,7 @@ class InnerObjective:
     name: str = "inner"
     upper_name: str = "upper"
     key: Hashable = None
+    reduce: Reducer | None = None
 
 
 _NOT_COUPLED = (
@@ -128,7 +158,10 @@ class Curvature:
         """H x with H = ∂²_{θθ} L_in."""
         params = self.objective.params
         out = self._product(params, x, retain=True)
-        return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+        hx = [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+        if self.objective.reduce is not None:  # the global H x (one all-reduce)
+            self.objective.reduce.mean_(hx)
+        return hx
 
     def mixed(self, x: Sequence[Tensor]) -> TensorList:
         """∂²_{λθ} L_in · x by double backward; releases the graph afterwards."""
@@ -249,6 +282,12 @@ class HypergradMethod(Method, ABC):
 
             objective = dataclasses.replace(objective, loss=replayed_loss)
             curvature = Curvature(objective)
+            mode = self.default_mixed if self.mixed == "auto" else self.mixed
+            if objective.reduce is not None and objective.reduce.pending:
+                # data parallel: v is still being all-reduced; build ∇_θ L_in's graph meanwhile
+                if self.uses_hessian or mode == "exact":
+                    curvature.gradient()
+                objective.reduce.wait()
             vec = [t.detach() for t in v]
             if self.uses_hessian:
                 # θ_i that L_in's gradient does not depend on has a zero row and column in H:
@@ -257,7 +296,6 @@ class HypergradMethod(Method, ABC):
                 vec = [vi if g.requires_grad else torch.zeros_like(vi)
                        for vi, g in zip(vec, curvature.gradient())]
             x = self.solve(objective, vec, curvature)
-            mode = self.default_mixed if self.mixed == "auto" else self.mixed
             if mode == "exact":
                 product = curvature.mixed(x)
             else:

@@ -187,4 +187,8 @@ class SAMA(HypergradMethod):
                 out.append(vi * adam_update_jacobian(AdamStep(**rec), opt.state[p]))
             else:
                 out.append(vi * rec)
+        if objective.reduce is not None and objective.reduce.shards_optimizer_state:
+            # ZeRO: this rank knows P only on the parameters whose state it holds (zero
+            # elsewhere); the sum over the ranks is the whole P v
+            objective.reduce.sum_(out)
         return out

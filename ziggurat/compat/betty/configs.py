@@ -178,19 +178,6 @@ class EngineConfig:
             raise ConfigError("betty EngineConfig", "logger_type", self.logger_type,
                               f"one of {sorted(LOGGERS)}")
         strategy = strategy_for(self.strategy)
-        fields = {f.name for f in dataclasses.fields(ZEngineConfig)}
-        extra: dict[str, Any] = {}
-        if strategy != "none":
-            if "strategy" not in fields:
-                raise ConfigError(
-                    "betty EngineConfig", "strategy", self.strategy,
-                    f"'default', 'cpu' or 'gpu' in this build: Betty's {self.strategy!r} maps "
-                    f"to ziggurat's EngineConfig(strategy={strategy!r}), which this build of "
-                    f"ziggurat does not provide yet; run on one process",
-                )
-            extra["strategy"] = strategy
-            if "backend" in fields:
-                extra["backend"] = self.backend
         return ZEngineConfig(
             train_iters=self.train_iters,
             valid_step=self.valid_step if self.valid_step and self.valid_step > 0 else None,
@@ -204,7 +191,7 @@ class EngineConfig:
             log_dir="runs" if kind != "console" else None,
             progress="off",
             summary=False,
-            **extra,
+            strategy=strategy,
         )
 
 

@@ -1,0 +1,246 @@
+"""A two-level program run data parallel by tests/test_distributed.py.
+
+    python data_parallel.py OUT_DIR SCENARIO [SCENARIO ...]     (under torchrun, or with
+                                                                 RANK/WORLD_SIZE/... set)
+
+Upper level: per-feature weight decay λ (softplus) and a bias shift; lower level: a small
+tanh MLP trained on the weighted-decay MSE. Each scenario saves, per rank, the final
+parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
+
+* ``equal-<method>``: 20 meta-steps with per-rank batch B (strategy "ddp"), counting the
+  ``torch.distributed.all_reduce`` calls (a counting wrapper around the real function).
+* ``zero-<method>``: the same with strategy "zero", with checkpoints every 10 iterations.
+* ``systems``: CG with unroll 2, roll-back and gradient accumulation 2 (``SYSTEMS``).
+* ``chain3``: a three-level chain (``build3``), counting all-reduces as above.
+* ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
+  stopping on rank 0's metric, JSONL logs.
+* ``ckpt``: dropout with per-rank random streams, checkpoints every 10 of 20 iterations.
+* ``fail``: rank 1 raises during its third step (torchrun must end the whole launch).
+* ``resume-<run>``: resume the checkpoint of step 10 of the scenario ``<run>`` (``ckpt`` or
+  ``zero-<method>``), copied to ``OUT_DIR/resume-<run>-in``, up to iteration 20.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+import ziggurat as zg
+
+B = 4  # per-rank batch
+STEPS = 20
+DTYPE = torch.float64
+METHODS: dict[str, Callable[[], zg.HypergradMethod]] = {
+    "darts": lambda: zg.Darts(),
+    "sama": lambda: zg.SAMA(),
+    "neumann": lambda: zg.Neumann(iterations=3, alpha=0.05),
+    "cg": lambda: zg.CG(iterations=3, damping=0.1),
+    "fixed_point": lambda: zg.FixedPoint(iterations=3),  # step from 10 power iterations
+}
+SYSTEMS = {"unroll_steps": 2, "roll_back": True, "gradient_accumulation": 2}
+# Hessian-vector products in a run of STEPS meta-steps
+HVPS = {"darts": 0, "sama": 0, "neumann": 3 * 20, "cg": 3 * 20, "fixed_point": 3 * 20 + 10}
+
+
+def data() -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 5, generator=g, dtype=DTYPE)
+    w = torch.randn(5, 1, generator=g, dtype=DTYPE)
+    y = x @ w + 0.3 * torch.randn(96, 1, generator=g, dtype=DTYPE)
+    return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+
+
+def loaders(batch: int, replicas: int, rank: int) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """Shuffled shards; replicas=1 with batch 2B reads the union of the two ranks' batches."""
+    train, val = data()
+    return (zg.distributed.distributed_loader(train, batch, seed=1, num_replicas=replicas,
+                                              rank=rank),
+            zg.distributed.distributed_loader(val, batch, seed=2, num_replicas=replicas,
+                                              rank=rank))
+
+
+class Engine(zg.Engine):
+    """Validation metric: rank 0's grows, rank 1's shrinks (so only rank 0 wants to stop)."""
+
+    def validation(self) -> Mapping[str, Any]:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        n = len(self.validation_history) + 1
+        return {"loss": float(n) if rank == 0 else 1.0 / n, "rank": rank}
+
+
+def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
+          dropout: float = 0.0, inner: Mapping[str, Any] | None = None,
+          **engine: Any) -> zg.Engine:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Dropout(dropout),
+                              torch.nn.Linear(4, 1)).to(DTYPE)
+    upper = torch.nn.ParameterDict({
+        "decay": torch.nn.Parameter(torch.full((4, 5), -1.0, dtype=DTYPE)),
+        "shift": torch.nn.Parameter(torch.zeros(1, dtype=DTYPE))})
+    torch.manual_seed(100 + rank)  # per-rank random streams (dropout)
+    train, val = loaders(batch, replicas, rank)
+
+    def inner_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        pred = p(x) + p.outer.module["shift"]
+        decay = torch.nn.functional.softplus(p.outer.module["decay"])
+        return ((pred - y) ** 2).mean() + 0.5 * (decay * net[0].weight ** 2).sum()
+
+    def outer_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        return ((p.inner(x) - y) ** 2).mean()
+
+    lower_opt = (torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama"
+                 else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+    lower = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
+                               training_step=inner_loss,
+                               config=zg.Config(type=METHODS[method](), **(inner or {})))
+    outer = zg.Problem("outer", upper, torch.optim.Adam(upper.parameters(), lr=0.02),
+                       train_data_loader=val, training_step=outer_loss)
+    settings: dict[str, Any] = {"train_iters": STEPS, "progress": "off", "summary": False,
+                                "logger_type": (), "strategy": strategy, **engine}
+    return Engine([outer, lower], {"u2l": {outer: [lower]}, "l2u": {lower: [outer]}},
+                  config=zg.EngineConfig(**settings))
+
+
+def build3(*, strategy: str, batch: int, replicas: int, rank: int) -> zg.Engine:
+    """Three levels, zg.chain(top, mid, bot): bot's MLP with mid's per-weight decay (CG
+    through bot), mid's decay trained on held-out MSE plus top's penalty (Darts through mid),
+    top's penalty trained on a loss of mid's decay on its own batch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 1)).to(DTYPE)
+    mid_m = torch.nn.ParameterDict({"decay": torch.nn.Parameter(
+        torch.full((4, 5), -1.0, dtype=DTYPE))})
+    top_m = torch.nn.ParameterDict({"s": torch.nn.Parameter(torch.zeros(1, dtype=DTYPE))})
+    train, val = loaders(batch, replicas, rank)
+    _, top_data = loaders(batch, replicas, rank)
+
+    def bot_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        decay = torch.nn.functional.softplus(p.mid.module["decay"])
+        return ((p(x) - y) ** 2).mean() + 0.5 * (decay * net[0].weight ** 2).sum()
+
+    def mid_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        penalty = torch.nn.functional.softplus(p.top.module["s"])
+        return ((p.bot(x) - y) ** 2).mean() + (penalty * p.module["decay"] ** 2).sum()
+
+    def top_loss(p: zg.Problem, b: Any) -> torch.Tensor:
+        x, y = b
+        scale = torch.nn.functional.softplus(p.mid.module["decay"]).mean(0)
+        return ((x @ scale - y.squeeze(1)) ** 2).mean()
+
+    bot = zg.ImplicitProblem("bot", net, torch.optim.SGD(net.parameters(), lr=0.05),
+                             train_data_loader=train, training_step=bot_loss,
+                             config=zg.Config(type=zg.CG(iterations=3, damping=0.1)))
+    mid = zg.ImplicitProblem("mid", mid_m, torch.optim.SGD(mid_m.parameters(), lr=0.1),
+                             train_data_loader=val, training_step=mid_loss,
+                             config=zg.Config(type="darts"))
+    top = zg.Problem("top", top_m, torch.optim.Adam(top_m.parameters(), lr=0.05),
+                     train_data_loader=top_data, training_step=top_loss)
+    return zg.Engine([top, mid, bot], zg.chain(top, mid, bot), config=zg.EngineConfig(
+        train_iters=STEPS, progress="off", summary=False, logger_type=(), strategy=strategy))
+
+
+def result(engine: zg.Engine) -> dict[str, Any]:
+    return {"params": {f"{p.name}.{k}": v.detach().clone()
+                       for p in engine.problems for k, v in p.module.state_dict().items()},
+            "last_loss": {p.name: p.last_loss for p in engine.problems},
+            "global_step": engine.global_step, "stopped_early": engine.stopped_early}
+
+
+def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
+    kind, _, method = name.partition("-")
+    if kind in ("equal", "zero"):
+        calls = [0]
+        real = dist.all_reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return real(*args, **kwargs)
+
+        ckpt: dict[str, Any] = {} if kind == "equal" else {
+            "checkpoint_dir": str(out / f"{name}-ckpt"), "checkpoint_step": 10, "keep_last": 5}
+        engine = build(method, strategy="ddp" if kind == "equal" else "zero", batch=B,
+                       replicas=world, rank=rank, **ckpt)
+        dist.all_reduce = counting  # type: ignore[assignment]
+        try:
+            engine.run()
+        finally:
+            dist.all_reduce = real
+        return {**result(engine), "all_reduce": calls[0]}
+    if kind == "chain3":
+        calls = [0]
+        real = dist.all_reduce
+
+        def counting3(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return real(*args, **kwargs)
+
+        engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank)
+        dist.all_reduce = counting3  # type: ignore[assignment]
+        try:
+            engine.run()
+        finally:
+            dist.all_reduce = real
+        return {**result(engine), "all_reduce": calls[0]}
+    if kind == "systems":  # unroll 2 with roll-back, 2 micro-batches per step, CG
+        engine = build("cg", strategy="ddp", batch=B, replicas=world, rank=rank, inner=SYSTEMS)
+        engine.run()
+        return result(engine)
+    if kind == "stop":
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
+                       train_iters=50, valid_step=2, early_stopping_metric="loss",
+                       early_stopping_patience=2, logger_type=("jsonl",),
+                       log_dir=str(out / "logs"), log_step=1)
+        engine.run()
+        return {**result(engine), "history": [[s, float(m["rank"])]
+                                              for s, m in engine.validation_history]}
+    if kind == "ckpt":
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
+                       dropout=0.3, checkpoint_dir=str(out / "ckpt"), checkpoint_step=10,
+                       keep_last=5)
+        engine.run()
+        return result(engine)
+    if kind == "resume":  # resume-ckpt: darts, ddp, dropout; resume-zero-<method>: zero
+        zero = method.startswith("zero-")
+        engine = build(method[5:] if zero else "darts", strategy="zero" if zero else "ddp",
+                       batch=B, replicas=world, rank=rank, dropout=0.0 if zero else 0.3,
+                       checkpoint_dir=str(out / f"{name}-in"), resume=True, checkpoint_step=10)
+        engine.run()
+        return result(engine)
+    if kind == "fail":  # rank 1 raises in its 3rd step; rank 0 waits in a collective
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank)
+        inner = engine.problems[1]
+        step = inner.training_step
+
+        def failing(b: Any) -> Any:
+            if rank == 1 and inner.count == 2:
+                raise RuntimeError("rank 1 fails on purpose")
+            return step(b)
+
+        inner.training_step = failing  # type: ignore[method-assign]
+        engine.run()
+        return result(engine)
+    raise SystemExit(f"unknown scenario {name!r}")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for name in sys.argv[2:]:
+        found = run_scenario(name, out, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+        torch.save(found, out / f"{name}-rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
