@@ -648,6 +648,7 @@ class ImplicitProblem(Problem):
             name=self.name,
             upper_name=upper.name,
             key=key,
+            module=self.module,
         )
 
     def _recomputed_loss(self, batch: Any) -> Tensor:

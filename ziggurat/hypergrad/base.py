@@ -7,7 +7,9 @@ approximation of the best-response-Jacobian-vector product
 
 already carrying the minus sign: the caller *adds* the result to ∂_λ L_out. Methods differ
 only in how they choose x (``solve``); the mixed product ∂²_{λθ} L_in · x is shared and is
-computed exactly (double backward) or by a central finite difference of ∇_λ L_in.
+computed exactly, by double backward or in forward mode (reverse over forward:
+∇_λ of the directional derivative D_θ L_in[x], see ``mixed_forward``), or by a central
+finite difference of ∇_λ L_in.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from torch import Tensor
 
 from ..errors import ConfigError, HypergradientError
 from ..registry import Family, Method
+from ..unrolled.reparam import use_parameters
 from ..validation import check_float
 from . import linalg
 from .linalg import TensorList
 
-MixedMode = Literal["auto", "exact", "fd"]
-MIXED_MODES: tuple[str, ...] = ("auto", "exact", "fd")
+MixedMode = Literal["auto", "exact", "forward", "fd"]
+MIXED_MODES: tuple[str, ...] = ("auto", "exact", "forward", "fd")
 
 
 @dataclass
@@ -47,6 +50,10 @@ class InnerObjective:
         name / upper_name: used in error messages.
         key: identifies the request (which upper problem, which path) for methods that
             keep per-request state, such as FixedPoint's warm start.
+        module: the module whose parameters include ``params`` and through which ``loss``
+            reads them, or None. With it the exact mixed product can be taken in forward
+            mode (``mixed_forward``): the module then computes with dual tensors in place
+            of ``params``.
     """
 
     params: Sequence[Tensor]
@@ -57,6 +64,7 @@ class InnerObjective:
     name: str = "inner"
     upper_name: str = "upper"
     key: Hashable = None
+    module: torch.nn.Module | None = None
 
 
 _NOT_COUPLED = (
@@ -199,6 +207,38 @@ def mixed_finite_difference(
     return out
 
 
+def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
+    """∂²_{λθ} L_in · x = ∇_λ (D_θ L_in[x]), exactly, by reverse over forward mode.
+
+    One evaluation of L_in with the module computing on dual tensors θ + x·dε (forward mode
+    carries the directional derivative D_θ L_in[x] = <∇_θ L_in, x> beside the loss), then
+    one backward of that derivative to λ only. Unlike double backward it builds no graph of
+    ∇_θ L_in and no backward through the lower model; unlike a finite difference it is
+    exact and honours stop-gradients (a detached quantity has no tangent). Cost: about one
+    forward pass with tangents (≈ a plain training step) plus the backward from the loss to
+    λ. Needs ``objective.module``.
+    """
+    if objective.module is None:
+        raise HypergradientError(
+            f"mixed='forward' needs the module of problem '{objective.name}' (the "
+            f"InnerObjective has module=None); pass module=... or use mixed='exact'."
+        )
+    params = list(objective.params)
+    upper = list(objective.upper_params)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype))
+                 for p, xi in zip(params, x)]
+        with use_parameters(objective.module, params, duals):
+            loss = objective.loss()
+        tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
+    out = (torch.autograd.grad(tangent, upper, allow_unused=True)
+           if tangent is not None and tangent.requires_grad else [None] * len(upper))
+    if all(o is None for o in out):  # as in exact mode: never a silent zero hypergradient
+        raise HypergradientError(_NOT_COUPLED.format(
+            what="∇_θ L", name=objective.name, upper=objective.upper_name))
+    return [torch.zeros_like(u) if o is None else o.detach() for o, u in zip(out, upper)]
+
+
 class HypergradMethod(Method, ABC):
     """Base class: a method is a small frozen settings object that is also callable.
 
@@ -221,6 +261,16 @@ class HypergradMethod(Method, ABC):
         if self.mixed not in MIXED_MODES:
             raise ConfigError(type(self).__name__, "mixed", self.mixed, f"one of {MIXED_MODES}")
         check_float(type(self).__name__, "fd_eps", self.fd_eps, strict=True)
+
+    def _mode(self, objective: InnerObjective) -> str:
+        """The mixed-product mode of this call. "auto": forward mode for methods that build
+        no graph of ∇_θ L_in (Darts, SAMA) when the objective carries its module, since it
+        is exact and cheaper than double backward there; else ``default_mixed``."""
+        if self.mixed != "auto":
+            return self.mixed
+        if not self.uses_hessian and objective.module is not None:
+            return "forward"
+        return self.default_mixed
 
     @abstractmethod
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
@@ -257,9 +307,11 @@ class HypergradMethod(Method, ABC):
                 vec = [vi if g.requires_grad else torch.zeros_like(vi)
                        for vi, g in zip(vec, curvature.gradient())]
             x = self.solve(objective, vec, curvature)
-            mode = self.default_mixed if self.mixed == "auto" else self.mixed
+            mode = self._mode(objective)
             if mode == "exact":
                 product = curvature.mixed(x)
+            elif mode == "forward":
+                product = mixed_forward(objective, x)
             else:
                 product = mixed_finite_difference(objective, x, self.fd_eps)
         return [p.neg_() for p in product]
