@@ -121,6 +121,18 @@ def interleaved_medians(fns: list[Callable[[], None]], repeats: int, device: str
                         warmup: int = 1) -> list[float]:
     """Median seconds of each function, timed in alternation (so that load from other
     processes hits them alike)."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats, device, warmup)]
+
+
+def median_ratios(times: list[list[float]]) -> list[float]:
+    """For each function, the median over rounds of its time / the first function's time in
+    the same round (robust to load that changes between rounds)."""
+    return [statistics.median(a / b for a, b in zip(t, times[0])) for t in times]
+
+
+def interleaved_times(fns: list[Callable[[], None]], repeats: int, device: str,
+                      warmup: int = 1) -> list[list[float]]:
+    """Seconds of each function in each of ``repeats`` rounds, timed in alternation."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -132,7 +144,7 @@ def interleaved_medians(fns: list[Callable[[], None]], repeats: int, device: str
             fn()
             sync(device)
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 # ------------------------------------------------------------------------ memory probes

@@ -436,7 +436,10 @@ class Problem:
         """training_step on each micro-batch under this problem's autocast, with the other
         problems as they are read (``as_read``)."""
         losses = []
-        with autocast_for(self.config.precision, self.device), self._others_view(clone_others):
+        precision = self.config.precision
+        autocast = (nullcontext() if precision == "fp32"
+                    else autocast_for(precision, self.device))
+        with autocast, self._others_view(clone_others):
             for b in batches:
                 losses.append(self._loss_of(self.training_step(b), record=record))
         if record:
@@ -458,7 +461,9 @@ class Problem:
             (loss,) = self._batch_losses([b], record=True)
             losses.append(loss)
             metrics.append(self.last_metrics)
-            part_own, part_vectors = self._raw_gradients(loss * weight, params)
+            # (no multiply by a weight of 1: one kernel saved per step on small models)
+            part_own, part_vectors = self._raw_gradients(
+                loss if weight == 1.0 else loss * weight, params)
             if not own:
                 own, vectors = part_own, part_vectors
             else:

@@ -207,6 +207,14 @@ def mixed_finite_difference(
     return out
 
 
+#: Below this many lower parameters "auto" keeps double backward for Darts / SAMA: forward
+#: mode runs some operators' tangents through Python decompositions (binary cross-entropy
+#: with logits costs milliseconds a call), which dominates on small models
+#: (benchmarks/overhead.py), while on large ones forward mode saves a backward through the
+#: lower model (benchmarks/meta_iteration.py).
+FORWARD_MODE_MIN_PARAMETERS = 1_000_000
+
+
 def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
     """∂²_{λθ} L_in · x = ∇_λ (D_θ L_in[x]), exactly, by reverse over forward mode.
 
@@ -264,11 +272,13 @@ class HypergradMethod(Method, ABC):
 
     def _mode(self, objective: InnerObjective) -> str:
         """The mixed-product mode of this call. "auto": forward mode for methods that build
-        no graph of ∇_θ L_in (Darts, SAMA) when the objective carries its module, since it
-        is exact and cheaper than double backward there; else ``default_mixed``."""
+        no graph of ∇_θ L_in (Darts, SAMA) when the objective carries its module and θ has
+        at least ``FORWARD_MODE_MIN_PARAMETERS`` entries, since it is exact and cheaper than
+        double backward there; else ``default_mixed``."""
         if self.mixed != "auto":
             return self.mixed
-        if not self.uses_hessian and objective.module is not None:
+        if (not self.uses_hessian and objective.module is not None
+                and sum(p.numel() for p in objective.params) >= FORWARD_MODE_MIN_PARAMETERS):
             return "forward"
         return self.default_mixed
 
