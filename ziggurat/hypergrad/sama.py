@@ -109,16 +109,23 @@ def adam_update_jacobian(step: AdamStep, state: dict[str, Any]) -> Tensor:
     bc2 = 1.0 - step.beta2**t
     m = state["exp_avg"]
     second = state["max_exp_avg_sq"] if step.amsgrad else state["exp_avg_sq"]
-    sqrt_vhat = second.sqrt() / bc2**0.5
+    # Written with four full-size temporaries (this runs on every parameter tensor at every
+    # upper step, so it sets the memory peak of a SAMA hypergradient with Adam):
+    # P = lr·[(1−β₁)/bc1 · denom − m·g·(1−β₂)/(bc1·bc2·√v̂)] / denom², denom = √v̂ + ε.
+    sqrt_vhat = second.sqrt().div_(bc2**0.5)
+    unseen = sqrt_vhat <= 0
     denom = sqrt_vhat + step.eps
-    mhat = m / bc1
-    seen = sqrt_vhat > 0
-    safe = torch.where(seen, sqrt_vhat, torch.ones_like(sqrt_vhat))
-    dsqrt = torch.where(seen, (1.0 - step.beta2) * step.grad / (bc2 * safe), torch.zeros_like(m))
-    if step.amsgrad:
-        dsqrt = torch.where(state["max_exp_avg_sq"] == state["exp_avg_sq"], dsqrt, 0.0)
-    jac = step.lr * ((1.0 - step.beta1) / bc1 * denom - mhat * dsqrt) / denom**2
-    return torch.where(seen, jac, torch.zeros_like(jac))
+    second_term = m * step.grad
+    second_term.div_(sqrt_vhat.clamp_min_(torch.finfo(sqrt_vhat.dtype).tiny))
+    second_term.mul_((1.0 - step.beta2) / (bc1 * bc2))
+    del sqrt_vhat
+    if step.amsgrad:  # the max branch: v̂ does not depend on g where the max is older
+        second_term.masked_fill_(state["max_exp_avg_sq"] != state["exp_avg_sq"], 0.0)
+    jac = denom.mul((1.0 - step.beta1) / bc1)
+    jac.sub_(second_term)
+    del second_term
+    jac.div_(denom).div_(denom).mul_(step.lr)
+    return jac.masked_fill_(unseen, 0.0)
 
 
 @dataclass(frozen=True)
