@@ -91,7 +91,10 @@ def _adam_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tenso
     grad = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
     wd = float(group.get("weight_decay", 0.0))
     decoupled = type(optimizer) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
-    grad = grad.add(p.detach(), alpha=wd) if wd != 0.0 and not decoupled else grad.clone()
+    # the gradient tensor itself, not a copy: torch.optim's SGD / Adam / AdamW never write
+    # into p.grad (with maximize=False, enforced above), and the problem drops p.grad after
+    # the step, so the record is its only holder (a copy cost one parameter-sized peak)
+    grad = grad.add(p.detach(), alpha=wd) if wd != 0.0 and not decoupled else grad
     beta1, beta2 = (float(b) for b in group["betas"])
     return AdamStep(float(group["lr"]), beta1, beta2, float(group["eps"]),
                     bool(group.get("amsgrad", False)), grad)
