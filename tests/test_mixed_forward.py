@@ -5,6 +5,8 @@ objective carries its module."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,3 +141,35 @@ def test_programs_default_to_forward_mode_and_match_double_backward(
     assert used  # "auto" did take the forward-mode path
     assert rel_err(runs["auto"] - start, runs["exact"] - start) <= 1e-11
     assert float((runs["exact"] - start).norm()) > 1e-4  # the meta net did move
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with a backward but no forward-mode formula (jvp)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+def test_auto_falls_back_to_double_backward_without_a_forward_formula(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(base, "FORWARD_MODE_MIN_PARAMETERS", 0)
+    vec = Vec([0.5, -1.0, 2.0])
+    lam = torch.tensor([1.0, 2.0, 3.0], dtype=DTYPE, requires_grad=True)
+    obj = zg.InnerObjective([vec.theta], [lam], lambda: (lam * _Cube.apply(vec())).sum(),
+                            module=vec)
+    x = [torch.tensor([1.0, 1.0, -1.0], dtype=DTYPE)]
+    with pytest.raises(RuntimeError):
+        zg.Darts(mixed="forward")(obj, x)
+    out = zg.Darts()(obj, x)[0]  # ∂²/∂λ∂θ (λ·θ³) x = 3θ² x
+    expected = -3 * torch.tensor([0.25, 1.0, -4.0], dtype=DTYPE)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-14)
+    assert vec.theta.is_leaf and torch.equal(vec.theta.detach(),
+                                             torch.tensor([0.5, -1.0, 2.0], dtype=DTYPE))

@@ -431,10 +431,12 @@ class Problem:
         return batches
 
     def _batch_losses(
-        self, batches: Sequence[Any], record: bool, clone_others: bool = False
+        self, batches: Sequence[Any], record: bool, clone_others: bool = False,
+        mean: bool = True,
     ) -> list[Tensor]:
         """training_step on each micro-batch under this problem's autocast, with the other
-        problems as they are read (``as_read``)."""
+        problems as they are read (``as_read``); with ``record`` (and ``mean``) the mean
+        loss becomes ``last_loss``."""
         losses = []
         precision = self.config.precision
         autocast = (nullcontext() if precision == "fp32"
@@ -442,7 +444,7 @@ class Problem:
         with autocast, self._others_view(clone_others):
             for b in batches:
                 losses.append(self._loss_of(self.training_step(b), record=record))
-        if record:
+        if record and mean:
             self.last_loss = _mean_loss(losses)
         return losses
 
@@ -458,7 +460,7 @@ class Problem:
         losses: list[Tensor] = []
         metrics: list[dict[str, Any]] = []
         for b in batches:
-            (loss,) = self._batch_losses([b], record=True)
+            (loss,) = self._batch_losses([b], record=True, mean=False)
             losses.append(loss)
             metrics.append(self.last_metrics)
             # (no multiply by a weight of 1: one kernel saved per step on small models)
@@ -548,7 +550,7 @@ class Problem:
             )
         if record:
             self.last_loss = loss.detach()
-        return loss.reshape(())
+        return loss if loss.dim() == 0 else loss.reshape(())
 
     def _raw_gradients(
         self, loss: Tensor, params: list[Tensor], create_graph: bool = False

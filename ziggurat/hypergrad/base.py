@@ -277,9 +277,13 @@ class HypergradMethod(Method, ABC):
         double backward there; else ``default_mixed``."""
         if self.mixed != "auto":
             return self.mixed
-        if (not self.uses_hessian and objective.module is not None
-                and sum(p.numel() for p in objective.params) >= FORWARD_MODE_MIN_PARAMETERS):
-            return "forward"
+        module = objective.module
+        if (not self.uses_hessian and module is not None
+                and sum(p.numel() for p in objective.params) >= FORWARD_MODE_MIN_PARAMETERS
+                # RNNs keep their own list of weight tensors, which use_parameters cannot
+                # reach: their tangents would be missing
+                and not any(isinstance(m, torch.nn.RNNBase) for m in module.modules())):
+            return "auto-forward"
         return self.default_mixed
 
     @abstractmethod
@@ -322,6 +326,13 @@ class HypergradMethod(Method, ABC):
                 product = curvature.mixed(x)
             elif mode == "forward":
                 product = mixed_forward(objective, x)
+            elif mode == "auto-forward":
+                try:
+                    product = mixed_forward(objective, x)
+                except (RuntimeError, NotImplementedError):
+                    # an operator without a forward-mode formula: the exact double backward
+                    # (which re-raises any error that is not about forward mode)
+                    product = curvature.mixed(x)
             else:
                 product = mixed_finite_difference(objective, x, self.fd_eps)
         return [p.neg_() for p in product]
