@@ -173,3 +173,29 @@ def test_auto_falls_back_to_double_backward_without_a_forward_formula(
     assert torch.allclose(out, expected, rtol=0, atol=1e-14)
     assert vec.theta.is_leaf and torch.equal(vec.theta.detach(),
                                              torch.tensor([0.5, -1.0, 2.0], dtype=DTYPE))
+
+
+@pytest.mark.parametrize("lrs", [(0.1, 0.1), (0.1, 0.02)])
+def test_sama_sgd_coefficients_uniform_or_per_group(lrs: tuple[float, float]) -> None:
+    """SGD with one learning rate (P = lr·I: the product is taken of v and scaled) and with
+    two groups (P v formed per tensor) both equal −∂²_{λθ}L_in · (P v), in closed form."""
+    r = make_ridge(5.0)
+    ts = r.theta_star() + 0.1
+    a, b = torch.nn.Parameter(ts[:3].clone()), torch.nn.Parameter(ts[3:].clone())
+    opt = torch.optim.SGD([{"params": [a], "lr": lrs[0]}, {"params": [b], "lr": lrs[1]}])
+    state: dict[str, Any] = {}
+    a.grad, b.grad = torch.ones(3, dtype=DTYPE), torch.ones(3, dtype=DTYPE)
+    zg.SAMA().before_optimizer_step(opt, [a, b], state)
+    with torch.no_grad():  # the step itself is not needed; keep θ where it was
+        a.grad = b.grad = None
+    lam = r.lam.clone().requires_grad_()
+    obj = zg.InnerObjective([a, b], [lam], lambda: r.inner_loss(torch.cat([a, b]), lam),
+                            optimizer=opt, state=state)
+    assert zg.SAMA().uniform_scale(obj) == (lrs[0] if lrs[0] == lrs[1] else None)
+    v = r.v(ts)
+    coefficient = torch.cat([torch.full((3,), lrs[0], dtype=DTYPE),
+                             torch.full((3,), lrs[1], dtype=DTYPE)])
+    expected = -r.mixed(ts, coefficient * v)
+    for mixed in ("exact", "fd"):
+        out = zg.SAMA(mixed=mixed)(obj, [v[:3], v[3:]])[0]  # type: ignore[arg-type]
+        assert rel_err(out, expected) <= 1e-10

@@ -290,6 +290,14 @@ class HypergradMethod(Method, ABC):
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         """Return x ≈ H⁻¹ v (or the method's stand-in for it)."""
 
+    def uniform_scale(self, objective: InnerObjective) -> float | None:
+        """c when ``solve`` returns c·v with one scalar c for every tensor (else None).
+
+        The mixed product is linear in x, so the call then takes it of v and multiplies the
+        λ-sized result by c, instead of writing a θ-sized copy c·v (one full pass over θ,
+        with fresh pages, saved)."""
+        return None
+
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
@@ -320,7 +328,8 @@ class HypergradMethod(Method, ABC):
                 # (and would make the solve singular).
                 vec = [vi if g.requires_grad else torch.zeros_like(vi)
                        for vi, g in zip(vec, curvature.gradient())]
-            x = self.solve(objective, vec, curvature)
+            scale = self.uniform_scale(objective)
+            x = vec if scale is not None else self.solve(objective, vec, curvature)
             mode = self._mode(objective)
             if mode == "exact":
                 product = curvature.mixed(x)
@@ -335,4 +344,6 @@ class HypergradMethod(Method, ABC):
                     product = curvature.mixed(x)
             else:
                 product = mixed_finite_difference(objective, x, self.fd_eps)
+        if scale is not None:
+            return [p.mul_(-scale) for p in product]
         return [p.neg_() for p in product]

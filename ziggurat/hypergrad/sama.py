@@ -180,6 +180,19 @@ class SAMA(HypergradMethod):
                 record[index] = dataclasses.asdict(_adam_step(opt, group, p))
         state["sama"] = record
 
+    def uniform_scale(self, objective: InnerObjective) -> float | None:
+        """SGD with one coefficient for every parameter (one param group, the usual case):
+        P = c·I."""
+        record = objective.state.get("sama")
+        if objective.optimizer is None or not isinstance(record, dict):
+            return None
+        values = [record.get(i) for i in range(len(objective.params))]
+        first = values[0] if values else None
+        if isinstance(first, float) and all(
+                isinstance(c, float) and c == first for c in values):
+            return first
+        return None
+
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         if objective.optimizer is None or "sama" not in objective.state:
             raise HypergradientError(
