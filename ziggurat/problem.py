@@ -452,15 +452,20 @@ class Problem:
         return batches
 
     def _batch_losses(
-        self, batches: Sequence[Any], record: bool, clone_others: bool = False
+        self, batches: Sequence[Any], record: bool, clone_others: bool = False,
+        mean: bool = True,
     ) -> list[Tensor]:
         """training_step on each micro-batch under this problem's autocast, with the other
-        problems as they are read (``as_read``)."""
+        problems as they are read (``as_read``); with ``record`` (and ``mean``) the mean
+        loss becomes ``last_loss``."""
         losses = []
-        with autocast_for(self.config.precision, self.device), self._others_view(clone_others):
+        precision = self.config.precision
+        autocast = (nullcontext() if precision == "fp32"
+                    else autocast_for(precision, self.device))
+        with autocast, self._others_view(clone_others):
             for b in batches:
                 losses.append(self._loss_of(self.training_step(b), record=record))
-        if record:
+        if record and mean:
             self.last_loss = _mean_loss(losses)
         return losses
 
@@ -476,10 +481,12 @@ class Problem:
         losses: list[Tensor] = []
         metrics: list[dict[str, Any]] = []
         for b in batches:
-            (loss,) = self._batch_losses([b], record=True)
+            (loss,) = self._batch_losses([b], record=True, mean=False)
             losses.append(loss)
             metrics.append(self.last_metrics)
-            part_own, part_vectors = self._raw_gradients(loss * weight, params)
+            # (no multiply by a weight of 1: one kernel saved per step on small models)
+            part_own, part_vectors = self._raw_gradients(
+                loss if weight == 1.0 else loss * weight, params)
             if not own:
                 own, vectors = part_own, part_vectors
             else:
@@ -564,7 +571,7 @@ class Problem:
             )
         if record:
             self.last_loss = loss.detach()
-        return loss.reshape(())
+        return loss if loss.dim() == 0 else loss.reshape(())
 
     def _raw_gradients(
         self, loss: Tensor, params: list[Tensor], create_graph: bool = False
@@ -670,6 +677,7 @@ class ImplicitProblem(Problem):
             upper_name=upper.name,
             key=key,
             reduce=self.comm,
+            module=self.module,
         )
 
     def _recomputed_loss(self, batch: Any) -> Tensor:

@@ -7,7 +7,9 @@ approximation of the best-response-Jacobian-vector product
 
 already carrying the minus sign: the caller *adds* the result to ∂_λ L_out. Methods differ
 only in how they choose x (``solve``); the mixed product ∂²_{λθ} L_in · x is shared and is
-computed exactly (double backward) or by a central finite difference of ∇_λ L_in.
+computed exactly, by double backward or in forward mode (reverse over forward:
+∇_λ of the directional derivative D_θ L_in[x], see ``mixed_forward``), or by a central
+finite difference of ∇_λ L_in.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from torch import Tensor
 
 from ..errors import ConfigError, HypergradientError
 from ..registry import Family, Method
+from ..unrolled.reparam import use_parameters
 from ..validation import check_float
 from . import linalg
 from .linalg import TensorList
 
-MixedMode = Literal["auto", "exact", "fd"]
-MIXED_MODES: tuple[str, ...] = ("auto", "exact", "fd")
+MixedMode = Literal["auto", "exact", "forward", "fd"]
+MIXED_MODES: tuple[str, ...] = ("auto", "exact", "forward", "fd")
 
 
 class Reducer(Protocol):
@@ -76,6 +79,10 @@ class InnerObjective:
             keep per-request state, such as FixedPoint's warm start.
         reduce: data-parallel runs only: averages each Hessian-vector product over the
             ranks (so solvers iterate on the global H, identically on every rank).
+        module: the module whose parameters include ``params`` and through which ``loss``
+            reads them, or None. With it the exact mixed product can be taken in forward
+            mode (``mixed_forward``): the module then computes with dual tensors in place
+            of ``params``.
     """
 
     params: Sequence[Tensor]
@@ -87,6 +94,7 @@ class InnerObjective:
     upper_name: str = "upper"
     key: Hashable = None
     reduce: Reducer | None = None
+    module: torch.nn.Module | None = None
 
 
 _NOT_COUPLED = (
@@ -232,6 +240,46 @@ def mixed_finite_difference(
     return out
 
 
+#: Below this many lower parameters "auto" keeps double backward for Darts / SAMA: forward
+#: mode runs some operators' tangents through Python decompositions (binary cross-entropy
+#: with logits costs milliseconds a call), which dominates on small models
+#: (benchmarks/overhead.py), while on large ones forward mode saves a backward through the
+#: lower model (benchmarks/meta_iteration.py).
+FORWARD_MODE_MIN_PARAMETERS = 1_000_000
+
+
+def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
+    """∂²_{λθ} L_in · x = ∇_λ (D_θ L_in[x]), exactly, by reverse over forward mode.
+
+    One evaluation of L_in with the module computing on dual tensors θ + x·dε (forward mode
+    carries the directional derivative D_θ L_in[x] = <∇_θ L_in, x> beside the loss), then
+    one backward of that derivative to λ only. Unlike double backward it builds no graph of
+    ∇_θ L_in and no backward through the lower model; unlike a finite difference it is
+    exact and honours stop-gradients (a detached quantity has no tangent). Cost: about one
+    forward pass with tangents (≈ a plain training step) plus the backward from the loss to
+    λ. Needs ``objective.module``.
+    """
+    if objective.module is None:
+        raise HypergradientError(
+            f"mixed='forward' needs the module of problem '{objective.name}' (the "
+            f"InnerObjective has module=None); pass module=... or use mixed='exact'."
+        )
+    params = list(objective.params)
+    upper = list(objective.upper_params)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype))
+                 for p, xi in zip(params, x)]
+        with use_parameters(objective.module, params, duals):
+            loss = objective.loss()
+        tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
+    out = (torch.autograd.grad(tangent, upper, allow_unused=True)
+           if tangent is not None and tangent.requires_grad else [None] * len(upper))
+    if all(o is None for o in out):  # as in exact mode: never a silent zero hypergradient
+        raise HypergradientError(_NOT_COUPLED.format(
+            what="∇_θ L", name=objective.name, upper=objective.upper_name))
+    return [torch.zeros_like(u) if o is None else o.detach() for o, u in zip(out, upper)]
+
+
 class HypergradMethod(Method, ABC):
     """Base class: a method is a small frozen settings object that is also callable.
 
@@ -255,9 +303,33 @@ class HypergradMethod(Method, ABC):
             raise ConfigError(type(self).__name__, "mixed", self.mixed, f"one of {MIXED_MODES}")
         check_float(type(self).__name__, "fd_eps", self.fd_eps, strict=True)
 
+    def _mode(self, objective: InnerObjective) -> str:
+        """The mixed-product mode of this call. "auto": forward mode for methods that build
+        no graph of ∇_θ L_in (Darts, SAMA) when the objective carries its module and θ has
+        at least ``FORWARD_MODE_MIN_PARAMETERS`` entries, since it is exact and cheaper than
+        double backward there; else ``default_mixed``."""
+        if self.mixed != "auto":
+            return self.mixed
+        module = objective.module
+        if (not self.uses_hessian and module is not None
+                and sum(p.numel() for p in objective.params) >= FORWARD_MODE_MIN_PARAMETERS
+                # RNNs keep their own list of weight tensors, which use_parameters cannot
+                # reach: their tangents would be missing
+                and not any(isinstance(m, torch.nn.RNNBase) for m in module.modules())):
+            return "auto-forward"
+        return self.default_mixed
+
     @abstractmethod
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         """Return x ≈ H⁻¹ v (or the method's stand-in for it)."""
+
+    def uniform_scale(self, objective: InnerObjective) -> float | None:
+        """c when ``solve`` returns c·v with one scalar c for every tensor (else None).
+
+        The mixed product is linear in x, so the call then takes it of v and multiplies the
+        λ-sized result by c, instead of writing a θ-sized copy c·v (one full pass over θ,
+        with fresh pages, saved)."""
+        return None
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
@@ -282,7 +354,7 @@ class HypergradMethod(Method, ABC):
 
             objective = dataclasses.replace(objective, loss=replayed_loss)
             curvature = Curvature(objective)
-            mode = self.default_mixed if self.mixed == "auto" else self.mixed
+            mode = self._mode(objective)
             if objective.reduce is not None and objective.reduce.pending:
                 # data parallel: v is still being all-reduced; build ∇_θ L_in's graph meanwhile
                 if self.uses_hessian or mode == "exact":
@@ -295,9 +367,21 @@ class HypergradMethod(Method, ABC):
                 # (and would make the solve singular).
                 vec = [vi if g.requires_grad else torch.zeros_like(vi)
                        for vi, g in zip(vec, curvature.gradient())]
-            x = self.solve(objective, vec, curvature)
+            scale = self.uniform_scale(objective)
+            x = vec if scale is not None else self.solve(objective, vec, curvature)
             if mode == "exact":
                 product = curvature.mixed(x)
+            elif mode == "forward":
+                product = mixed_forward(objective, x)
+            elif mode == "auto-forward":
+                try:
+                    product = mixed_forward(objective, x)
+                except (RuntimeError, NotImplementedError):
+                    # an operator without a forward-mode formula: the exact double backward
+                    # (which re-raises any error that is not about forward mode)
+                    product = curvature.mixed(x)
             else:
                 product = mixed_finite_difference(objective, x, self.fd_eps)
+        if scale is not None:
+            return [p.mul_(-scale) for p in product]
         return [p.neg_() for p in product]

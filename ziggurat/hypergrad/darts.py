@@ -50,5 +50,8 @@ class Darts(HypergradMethod):
         check_float("Darts", "scale", self.scale, strict=True)
         self._check_mixed()
 
+    def uniform_scale(self, objective: InnerObjective) -> float | None:
+        return self.scale
+
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         return v if self.scale == 1.0 else linalg.scale(self.scale, v)

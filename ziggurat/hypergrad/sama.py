@@ -91,7 +91,10 @@ def _adam_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tenso
     grad = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
     wd = float(group.get("weight_decay", 0.0))
     decoupled = type(optimizer) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
-    grad = grad.add(p.detach(), alpha=wd) if wd != 0.0 and not decoupled else grad.clone()
+    # the gradient tensor itself, not a copy: torch.optim's SGD / Adam / AdamW never write
+    # into p.grad (with maximize=False, enforced above), and the problem drops p.grad after
+    # the step, so the record is its only holder (a copy cost one parameter-sized peak)
+    grad = grad.add(p.detach(), alpha=wd) if wd != 0.0 and not decoupled else grad
     beta1, beta2 = (float(b) for b in group["betas"])
     return AdamStep(float(group["lr"]), beta1, beta2, float(group["eps"]),
                     bool(group.get("amsgrad", False)), grad)
@@ -109,16 +112,23 @@ def adam_update_jacobian(step: AdamStep, state: dict[str, Any]) -> Tensor:
     bc2 = 1.0 - step.beta2**t
     m = state["exp_avg"]
     second = state["max_exp_avg_sq"] if step.amsgrad else state["exp_avg_sq"]
-    sqrt_vhat = second.sqrt() / bc2**0.5
+    # Written with four full-size temporaries (this runs on every parameter tensor at every
+    # upper step, so it sets the memory peak of a SAMA hypergradient with Adam):
+    # P = lr·[(1−β₁)/bc1 · denom − m·g·(1−β₂)/(bc1·bc2·√v̂)] / denom², denom = √v̂ + ε.
+    sqrt_vhat = second.sqrt().div_(bc2**0.5)
+    unseen = sqrt_vhat <= 0
     denom = sqrt_vhat + step.eps
-    mhat = m / bc1
-    seen = sqrt_vhat > 0
-    safe = torch.where(seen, sqrt_vhat, torch.ones_like(sqrt_vhat))
-    dsqrt = torch.where(seen, (1.0 - step.beta2) * step.grad / (bc2 * safe), torch.zeros_like(m))
-    if step.amsgrad:
-        dsqrt = torch.where(state["max_exp_avg_sq"] == state["exp_avg_sq"], dsqrt, 0.0)
-    jac = step.lr * ((1.0 - step.beta1) / bc1 * denom - mhat * dsqrt) / denom**2
-    return torch.where(seen, jac, torch.zeros_like(jac))
+    second_term = m * step.grad
+    second_term.div_(sqrt_vhat.clamp_min_(torch.finfo(sqrt_vhat.dtype).tiny))
+    second_term.mul_((1.0 - step.beta2) / (bc1 * bc2))
+    del sqrt_vhat
+    if step.amsgrad:  # the max branch: v̂ does not depend on g where the max is older
+        second_term.masked_fill_(state["max_exp_avg_sq"] != state["exp_avg_sq"], 0.0)
+    jac = denom.mul((1.0 - step.beta1) / bc1)
+    jac.sub_(second_term)
+    del second_term
+    jac.div_(denom).div_(denom).mul_(step.lr)
+    return jac.masked_fill_(unseen, 0.0)
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,19 @@ class SAMA(HypergradMethod):
             else:
                 record[index] = dataclasses.asdict(_adam_step(opt, group, p))
         state["sama"] = record
+
+    def uniform_scale(self, objective: InnerObjective) -> float | None:
+        """SGD with one coefficient for every parameter (one param group, the usual case):
+        P = c·I."""
+        record = objective.state.get("sama")
+        if objective.optimizer is None or not isinstance(record, dict):
+            return None
+        values = [record.get(i) for i in range(len(objective.params))]
+        first = values[0] if values else None
+        if isinstance(first, float) and all(
+                isinstance(c, float) and c == first for c in values):
+            return first
+        return None
 
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         if objective.optimizer is None or "sama" not in objective.state:

@@ -85,12 +85,19 @@ class BettySAMA(SAMA):
     """SAMA with Betty's convention for SGD (identity preconditioner, i.e. darts) and the
     exact Adam / AdamW update Jacobian otherwise."""
 
-    def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
+    @staticmethod
+    def _plain_sgd(objective: InnerObjective) -> bool:
         opt = objective.optimizer
         inner = getattr(opt, "optim", None)  # ZeroRedundancyOptimizer's local optimizer
         if isinstance(inner, torch.optim.Optimizer):
             opt = inner
-        if type(opt) is torch.optim.SGD:
+        return type(opt) is torch.optim.SGD
+
+    def uniform_scale(self, objective: InnerObjective) -> float | None:
+        return 1.0 if self._plain_sgd(objective) else super().uniform_scale(objective)
+
+    def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
+        if self._plain_sgd(objective):
             return list(v)
         return super().solve(objective, v, curvature)
 

@@ -1,0 +1,185 @@
+"""Framework overhead on a small model: logistic-regression HPO, 100-step inner loops.
+
+The program: per-feature L2 weights exp(λ) (upper, Adam) for a logistic regression θ
+(lower, SGD) trained for --unroll steps on BCE + ½ Σ exp(λ_j) θ_j²; the upper loss is BCE
+on a validation batch; the hypergradient is Darts' identity approximation with the exact
+mixed product (v = ∇_θ L_val, then −∂²_{λθ} L_in · v by double backward).
+
+One outer iteration (100 lower steps and one upper step) is timed for ziggurat, for a
+hand-written PyTorch loop doing the same arithmetic (same optimizers, same autograd calls),
+and for Betty 0.2.1 when installed; median of --repeats, timed in alternation.
+
+    python benchmarks/overhead.py
+    python benchmarks/overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from workloads import interleaved_times, median_ratios, optional, skip_message
+
+FEATURES = 50
+SAMPLES = 256
+
+
+class Data:
+    def __init__(self, device: str, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(FEATURES, 1, generator=g)
+        self.x = torch.randn(SAMPLES, FEATURES, generator=g).to(device)
+        self.y = (self.x.cpu() @ w + torch.randn(SAMPLES, 1, generator=g) > 0).float().to(device)
+        self.xv = torch.randn(SAMPLES, FEATURES, generator=g).to(device)
+        self.yv = (self.xv.cpu() @ w > 0).float().to(device)
+
+    def epoch(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A loader of ``batches`` batches (the same training batch, as in the hand-written
+        loop), so that a pass over it spans one outer iteration."""
+        return [(self.x, self.y)] * batches
+
+
+class Decay(torch.nn.Module):
+    """λ: log of the per-feature L2 weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_decay = torch.nn.Parameter(torch.full((FEATURES,), -2.0))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.log_decay.exp() * weight.squeeze(0) ** 2).sum()
+
+
+def models(device: str) -> tuple[torch.nn.Linear, Decay]:
+    torch.manual_seed(0)
+    return torch.nn.Linear(FEATURES, 1).to(device), Decay().to(device)
+
+
+def inner_loss(model: torch.nn.Linear, decay: Decay, x: torch.Tensor,
+               y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(model(x), y) + decay(model.weight)
+
+
+def hand_written(d: Data, device: str, unroll: int) -> Callable[[], None]:
+    model, decay = models(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta_opt = torch.optim.Adam(decay.parameters(), lr=0.01)
+    params, lam = list(model.parameters()), list(decay.parameters())
+
+    def outer_iteration() -> None:
+        for _ in range(unroll):
+            grads = torch.autograd.grad(inner_loss(model, decay, d.x, d.y), params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+        v = torch.autograd.grad(F.binary_cross_entropy_with_logits(model(d.xv), d.yv), params)
+        g = torch.autograd.grad(inner_loss(model, decay, d.x, d.y), params, create_graph=True)
+        mixed = torch.autograd.grad(g, lam, v)
+        for p, m in zip(lam, mixed):
+            p.grad = -m
+        meta_opt.step()
+
+    return outer_iteration
+
+
+def ziggurat_loop(d: Data, device: str, unroll: int) -> Callable[[], None]:
+    import ziggurat as zg
+
+    model, decay = models(device)
+    lower = zg.ImplicitProblem(
+        name="model", module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_data_loader=d.epoch(unroll),
+        config=zg.Config(type=zg.Darts(), unroll_steps=unroll),
+        training_step=lambda p, b: inner_loss(p.module, p.decay.module, b[0], b[1]))
+    upper = zg.ImplicitProblem(
+        name="decay", module=decay, optimizer=torch.optim.Adam(decay.parameters(), lr=0.01),
+        train_data_loader=[(d.xv, d.yv)],
+        training_step=lambda p, b: F.binary_cross_entropy_with_logits(p.model(b[0]), b[1]))
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower),
+                       zg.EngineConfig(train_iters=1, summary=False, progress="off"))
+
+    def outer_iteration() -> None:
+        for _ in range(unroll):
+            engine.train_step()
+
+    return outer_iteration
+
+
+def betty_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | None:
+    if optional("betty") is None:
+        print(skip_message("betty"), file=sys.stderr)
+        return None
+    from betty.configs import Config, EngineConfig
+    from betty.engine import Engine
+    from betty.problems import ImplicitProblem
+
+    class Inner(ImplicitProblem):  # type: ignore[misc]
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            return (F.binary_cross_entropy_with_logits(self.module(x), y)
+                    + self.decay(self.module.weight))
+
+    class Outer(ImplicitProblem):  # type: ignore[misc]
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            return F.binary_cross_entropy_with_logits(self.model(x), y)
+
+    model, decay = models(device)
+    inner = Inner(name="model", module=model, optimizer=torch.optim.SGD(model.parameters(),
+                                                                        lr=0.1),
+                  train_data_loader=d.epoch(unroll), config=Config(type="darts",
+                                                                unroll_steps=unroll))
+    outer = Outer(name="decay", module=decay,
+                  optimizer=torch.optim.Adam(decay.parameters(), lr=0.01),
+                  train_data_loader=[(d.xv, d.yv)], config=Config())
+    engine = Engine(problems=[outer, inner],
+                    dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+                    config=EngineConfig(train_iters=10**9, logger_type="none"))
+
+    def outer_iteration() -> None:
+        for _ in range(unroll):
+            engine.global_step += 1
+            engine.train_step()
+
+    return outer_iteration
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unroll", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 by default: a small model)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 10 steps, 2 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.unroll, args.repeats = 10, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = Data(args.device)
+    labels, fns = ["hand-written", "ziggurat"], [hand_written(d, args.device, args.unroll),
+                                                 ziggurat_loop(d, args.device, args.unroll)]
+    betty = betty_loop(d, args.device, args.unroll)
+    if betty is not None:
+        labels.append("betty 0.2.1")
+        fns.append(betty)
+    rounds = interleaved_times(fns, args.repeats, args.device, warmup=2)
+    times = [statistics.median(t) for t in rounds]
+    ratios = median_ratios(rounds)
+    print(f"logistic-regression HPO, {args.unroll} lower steps per upper step, "
+          f"median of {args.repeats}")
+    print("| loop | ms per outer iteration | overhead vs hand-written (median of per-round "
+          "ratios) |")
+    print("|---|---|---|")
+    for label, t, r in zip(labels, times, ratios):
+        print(f"| {label} | {t * 1e3:.1f} | {100 * (r - 1):+.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
