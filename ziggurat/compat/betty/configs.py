@@ -135,18 +135,23 @@ class Config:
         )
 
 
-@dataclass(frozen=True)
-class _BettyBackedConfig(ZConfig):
-    """A ziggurat Config that also answers Betty's field names (``first_order``,
-    ``cg_alpha``, ``log_step``, ...) from the Betty Config it was made from."""
-
-    betty: Config | None = dataclasses.field(default=None, repr=False, compare=False)
+class BettyFallback:
+    """Mixin for a ziggurat config made from a Betty one (held in its ``betty`` field):
+    names ziggurat's config lacks are answered from the Betty config."""
 
     def __getattr__(self, item: str) -> Any:
         betty = self.__dict__.get("betty")
         if betty is not None and not item.startswith("__"):
             return getattr(betty, item)
         raise AttributeError(item)
+
+
+@dataclass(frozen=True)
+class _BettyBackedConfig(BettyFallback, ZConfig):
+    """A ziggurat Config that also answers Betty's field names (``first_order``,
+    ``cg_alpha``, ``log_step``, ...) from the Betty Config it was made from."""
+
+    betty: Config | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclass

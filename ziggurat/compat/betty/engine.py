@@ -26,7 +26,7 @@ import torch
 from ... import engine as _engine
 from ...config import EngineConfig as ZEngineConfig
 from ...errors import ConfigError
-from .configs import EngineConfig, strategy_for
+from .configs import BettyFallback, EngineConfig, strategy_for
 from .logging import LoggerBase
 from .logging import logger as make_logger
 from .problems import Problem
@@ -60,17 +60,11 @@ def translate_dependencies(dependencies: Mapping[str, Any] | None) -> dict[str, 
 
 
 @dataclasses.dataclass(frozen=True)
-class _BettyBackedEngineConfig(ZEngineConfig):
+class _BettyBackedEngineConfig(BettyFallback, ZEngineConfig):
     """ziggurat's EngineConfig that also answers Betty's field names (``early_stopping``,
     ``roll_back``, ``strategy``, ...) from the Betty EngineConfig it was made from."""
 
     betty: EngineConfig | None = dataclasses.field(default=None, repr=False, compare=False)
-
-    def __getattr__(self, item: str) -> Any:
-        betty = self.__dict__.get("betty")
-        if betty is not None and not item.startswith("__"):
-            return getattr(betty, item)
-        raise AttributeError(item)
 
 
 def _device_for(strategy: str) -> torch.device:
