@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,8 +63,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         procs[name] = (out, subprocess.Popen(
             [sys.executable, "-m", "ziggurat.compat.betty", str(PROGRAMS / f"{name}.py"), *args],
             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    # the data-parallel program: 2 ranks under torchrun (Betty's strategy="distributed")
+    # and its one-process reference, whose batches are the two ranks' shards together
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    runner = ["-m", "ziggurat.compat.betty", str(PROGRAMS / "data_parallel.py")]
+    for name, launcher in (
+            ("dp1", []),
+            ("dp2", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                     "--master-addr", "127.0.0.1", "--master-port", port])):
+        out = tmp / f"{name}.json"
+        procs[name] = (out, subprocess.Popen(
+            [sys.executable, *launcher, *runner, str(out)],
+            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = {}
     for name, (out, proc) in procs.items():
+        if name.startswith("dp"):
+            stdout, stderr = proc.communicate(timeout=300)
+            ranks = sorted(tmp.glob(f"{name}.json.rank*"))
+            results[name] = (proc.returncode, stdout, stderr,
+                             [json.loads(f.read_text()) for f in ranks])
+            continue
         stdout, stderr = proc.communicate(timeout=300)
         params = json.loads(out.read_text()) if out.exists() else None
         results[name] = (proc.returncode, stdout, stderr, params)
@@ -75,12 +96,13 @@ def _params(modules: dict[str, torch.nn.Module]) -> dict[str, list[float]]:
             for n, m in modules.items()}
 
 
-def _assert_same(got: dict[str, list[float]], want: dict[str, list[float]]) -> None:
+def _assert_same(got: dict[str, list[float]], want: dict[str, list[float]],
+                 rtol: float = 1e-12) -> None:
     assert got.keys() == want.keys()
     for name in want:
         assert len(got[name]) == len(want[name])
         for a, b in zip(got[name], want[name]):
-            assert abs(a - b) <= 1e-12 * max(1.0, abs(b)), (name, got[name], want[name])
+            assert abs(a - b) <= rtol * max(1.0, abs(b)), (name, got[name], want[name])
 
 
 # ----------------------------------------------------------------------------- native twins
@@ -98,7 +120,7 @@ def native_hpo() -> dict[str, list[float]]:
         x, y = batch
         return 0.5 * ((p.inner(x).squeeze(-1) - y) ** 2).mean()
 
-    im, om = data.linear(4, seed=1), data.linear(1, 4, seed=2)
+    im, om = data.linear(4, seed=1), data.linear(4, 1, seed=2)
     torch.nn.init.constant_(om.weight, -1.0)
     inner = zg.ImplicitProblem(
         "inner", im, torch.optim.SGD(im.parameters(), lr=0.1, momentum=0.9),
@@ -229,6 +251,20 @@ def test_betty_program_through_runner_matches_native(runs: dict[str, Any], name:
     _assert_same(params, want)
     # the run moved every parameter (the comparison is not between two untouched inits)
     assert all(any(abs(x) > 0 for x in v) for v in want.values())
+
+
+def test_betty_distributed_strategy_under_torchrun(runs: dict[str, Any]) -> None:
+    # Betty's strategy="distributed" is ziggurat's "ddp": 2 ranks with half batches each end
+    # where one process with the whole batches does (CG: H v products averaged over ranks)
+    for name, ranks in (("dp1", 1), ("dp2", 2)):
+        code, _, err, params = runs[name]
+        assert code == 0, err
+        assert len(params) == ranks
+    one, (rank0, rank1) = runs["dp1"][3][0], runs["dp2"][3]
+    assert rank0 == rank1  # the replicas stay bit-equal
+    _assert_same(rank0, one, rtol=1e-10)
+    assert max(abs(a + 1.0) for a in one["outer"]) > 1e-2  # λ moved from −1
+    assert len(set(one["outer"])) == 4  # per-feature decays moved apart
 
 
 def test_subprocess_resolves_betty_and_status_passes_on(runs: dict[str, Any]) -> None:

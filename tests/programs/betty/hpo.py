@@ -35,7 +35,7 @@ class HPOEngine(Engine):
 
 
 inner_module = linear(4, seed=1)
-outer_module = linear(1, 4, seed=2)
+outer_module = linear(4, 1, seed=2)
 torch.nn.init.constant_(outer_module.weight, -1.0)
 inner = Inner(
     name="inner",

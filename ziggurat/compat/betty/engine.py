@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ... import engine as _engine
 from ...config import EngineConfig as ZEngineConfig
@@ -188,8 +189,8 @@ class Engine(_engine.Engine):
         return type(self).validation is not _engine.Engine.validation
 
     def is_rank_zero(self) -> bool:
-        """True on the process that logs (always, on one process)."""
-        return True
+        """True on the process that logs: rank 0 of a data-parallel run, or the only one."""
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     def is_implemented(self, fn_name: str) -> bool:
         """Whether the engine has a callable ``fn_name``."""
