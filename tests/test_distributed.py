@@ -275,7 +275,7 @@ def test_fsdp_is_refused_with_the_reason_and_the_alternative() -> None:
     message = str(info.value)
     assert info.value.field == "strategy"
     for fact in ("not have been used in the graph", "set_reshard_after_backward(False)",
-                 "functional_call", "'zero'", "docs/distributed.md"):
+                 "Partial()", "not built", "'zero'", "docs/distributed.md"):
         assert fact in message
 
 
@@ -292,9 +292,13 @@ def test_fsdp2_facts_behind_the_refusal(runs: tuple[Path, dict[str, list[Any]]])
         assert "storage of size 0" in facts["resharded"]
         # ... and with the parameters kept gathered it is exact, i.e. plain data parallelism
         assert facts["gathered"] <= 1e-12
-        # DTensor parameters through functional_call: the double backward's sharding
-        # propagation fails
+        # DTensor parameters and batch through functional_call: the double backward's
+        # sharding propagation fails
         assert "Sharding propagation failed" in facts["dtensor"]
+        # DTensor parameters gathered by a differentiable redistribute + to_local(Partial)
+        # on a plain local batch: exact, g and H v sharded (the route an "fsdp" would take)
+        assert facts["local"] <= 1e-12
+        assert facts["local_placements"] == ["(Shard(dim=0),)"]
 
 
 def test_distributed_sampler_is_reseeded_every_pass_and_resumes() -> None:

@@ -48,9 +48,10 @@ class DataParallel:
                 "set_reshard_after_backward(False) too; differentiating the unsharded copies "
                 "after unshard() needs them kept gathered through the whole double backward "
                 "(the default reshard after backward frees their storage), which saves "
-                "nothing over 'zero'; and torch.func.functional_call with DTensor parameters "
-                "and batch fails in the double backward's sharding propagation. Details and a "
-                "check of each: docs/distributed.md, 'ZeRO and FSDP'",
+                "nothing over 'zero'. An exact route on DTensor instead (sharded parameters "
+                "gathered per evaluation by redistribute + to_local(grad_placements="
+                "[Partial()])) works in torch but is not built into ziggurat yet; details and "
+                "a check of each: docs/distributed.md, 'ZeRO and FSDP'",
             )
         self.problems = list(problems)
         for p in self.problems:  # before joining the process group: errors come first

@@ -181,11 +181,17 @@ def fsdp_facts(rank: int, world: int) -> dict[str, Any]:
     * ``gathered``: the same with both reshards off, local results averaged by all-reduce:
       the largest relative error against the global batch (kept gathered, it is exact);
     * ``dtensor``: ``torch.func.functional_call`` on a hook-free copy with Shard(0) DTensor
-      parameters (redistributed to Replicate inside) and a Shard(0) batch: the error.
+      parameters (redistributed to Replicate inside) and a Shard(0) batch: the error;
+    * ``local``: Shard(0) DTensor parameters (the leaves) gathered into plain tensors by
+      ``redistribute(Replicate)`` and ``to_local(grad_placements=[Partial()])``, the module
+      run by functional_call on the rank's plain batch, the local loss divided by the world
+      size: the backward of the gather reduce-scatters, so g and H v come out as Shard(0)
+      DTensors of the global quantities (the mixed product, with respect to the replicated
+      λ, is local and summed by all-reduce): the largest relative error, and the placements.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     if not dist.is_initialized():
         zg.distributed.init_distributed("ddp")
@@ -245,11 +251,27 @@ def fsdp_facts(rank: int, world: int) -> dict[str, Any]:
                        DTensor.from_local(lam, mesh, [Replicate()]))
         products(loss, params, [distribute_tensor(v, mesh, [Shard(0)]) for v in vs], lam)
 
-    exact = gathered(False)
+    def local() -> tuple[list[torch.Tensor], set[str]]:
+        m = net()
+        names = [n for n, _ in m.named_parameters()]
+        params = [distribute_tensor(p.detach(), mesh, [Shard(0)]).requires_grad_()
+                  for p in m.parameters()]
+        full = [p.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+                for p in params]
+        out = torch.func.functional_call(m, dict(zip(names, full)), (xs,))
+        found = products(loss_of(out, ys, lam) / world, params,
+                         [distribute_tensor(v, mesh, [Shard(0)]) for v in vs], lam)
+        dist.all_reduce(found[-1])
+        placements = {str(t.placements) for t in found[:-1] if isinstance(t, DTensor)}
+        return [t.full_tensor() if isinstance(t, DTensor) else t for t in found], placements
+
+    def error(found: list[torch.Tensor]) -> float:
+        return max(float((a - b).norm() / b.norm()) for a, b in zip(found, reference))
+
+    by_dtensor, placements = local()
     return {"sharded": _failure(sharded), "resharded": _failure(lambda: gathered(True)),
-            "dtensor": _failure(functional),
-            "gathered": max(float((a - b).norm() / b.norm())
-                            for a, b in zip(exact, reference))}
+            "dtensor": _failure(functional), "gathered": error(gathered(False)),
+            "local": error(by_dtensor), "local_placements": sorted(placements)}
 
 
 def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
