@@ -26,7 +26,7 @@ from ziggurat.data import BatchStream
 
 PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
 SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "chain3", "systems",
-             "stop", "ckpt"]
+             "stop", "ckpt", "fsdp"]
 
 
 def _free_port() -> int:
@@ -272,7 +272,33 @@ def test_backend_that_cannot_serve_the_device_is_refused(
 def test_fsdp_is_refused_with_the_reason_and_the_alternative() -> None:
     with pytest.raises(zg.ConfigError, match=r"autograd\.grad") as info:
         build("darts", strategy="fsdp", batch=B, replicas=1, rank=0)
-    assert "'zero'" in str(info.value) and info.value.field == "strategy"
+    message = str(info.value)
+    assert info.value.field == "strategy"
+    for fact in ("not have been used in the graph", "set_reshard_after_backward(False)",
+                 "Partial()", "not built", "'zero'", "docs/distributed.md"):
+        assert fact in message
+
+
+def test_fsdp2_facts_behind_the_refusal(runs: tuple[Path, dict[str, list[Any]]]) -> None:
+    """What the refusal of strategy="fsdp" states, checked on 2 gloo ranks with the installed
+    torch (tests/programs/data_parallel.py, ``fsdp_facts``). If this fails after a torch
+    upgrade, FSDP2 may now support second-order autograd.grad: revisit the refusal in
+    ziggurat/parallel.py and docs/distributed.md."""
+    for facts in runs[1]["fsdp"]:
+        # the sharded parameters are not in the graph, even with both reshards off
+        assert "not have been used in the graph" in facts["sharded"]
+        # differentiating the gathered parameters: FSDP's reshard after backward frees the
+        # storage the double backward needs ...
+        assert "storage of size 0" in facts["resharded"]
+        # ... and with the parameters kept gathered it is exact, i.e. plain data parallelism
+        assert facts["gathered"] <= 1e-12
+        # DTensor parameters and batch through functional_call: the double backward's
+        # sharding propagation fails
+        assert "Sharding propagation failed" in facts["dtensor"]
+        # DTensor parameters gathered by a differentiable redistribute + to_local(Partial)
+        # on a plain local batch: exact, g and H v sharded (the route an "fsdp" would take)
+        assert facts["local"] <= 1e-12
+        assert facts["local_placements"] == ["(Shard(dim=0),)"]
 
 
 def test_distributed_sampler_is_reseeded_every_pass_and_resumes() -> None:

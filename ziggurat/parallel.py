@@ -37,12 +37,21 @@ class DataParallel:
         if strategy == "fsdp":
             raise ConfigError(
                 "EngineConfig", "strategy", "fsdp",
-                "'ddp' or 'zero': torch's FSDP2 (fully_shard) replaces parameters by sharded "
-                "DTensors that the forward pass does not use (it all-gathers unsharded copies),"
-                " so torch.autograd.grad with respect to them fails, and every ziggurat "
-                "problem's gradient and every hypergradient method (darts, sama, cg, neumann, "
-                "fixed_point, and the unrolled ones) differentiates with respect to "
-                "parameters; 'zero' shards the optimizer state exactly instead",
+                "'ddp', or 'zero' to save memory (ZeroRedundancyOptimizer: each rank keeps "
+                "its shard of the optimizer state; exactly 'ddp' otherwise). Every ziggurat "
+                "gradient and hypergradient (darts, sama, cg, neumann, fixed_point; double "
+                "backward for Hessian-vector and mixed products) is torch.autograd.grad with "
+                "respect to the parameters, and torch's FSDP2 cannot give it: after "
+                "fully_shard the module's parameters are sharded DTensors the forward does "
+                "not use (it all-gathers unsharded copies), so autograd.grad raises 'appears "
+                "to not have been used in the graph', with reshard_after_forward=False and "
+                "set_reshard_after_backward(False) too; differentiating the unsharded copies "
+                "after unshard() needs them kept gathered through the whole double backward "
+                "(the default reshard after backward frees their storage), which saves "
+                "nothing over 'zero'. An exact route on DTensor instead (sharded parameters "
+                "gathered per evaluation by redistribute + to_local(grad_placements="
+                "[Partial()])) works in torch but is not built into ziggurat yet; details and "
+                "a check of each: docs/distributed.md, 'ZeRO and FSDP'",
             )
         self.problems = list(problems)
         for p in self.problems:  # before joining the process group: errors come first

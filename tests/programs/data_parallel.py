@@ -16,6 +16,8 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
   stopping on rank 0's metric, JSONL logs.
 * ``ckpt``: dropout with per-rank random streams, checkpoints every 10 of 20 iterations.
 * ``fail``: rank 1 raises during its third step (torchrun must end the whole launch).
+* ``fsdp``: what torch's FSDP2 / DTensor give the quantities the implicit methods need
+  (``fsdp_facts``; why strategy "fsdp" is refused).
 * ``resume-<run>``: resume the checkpoint of step 10 of the scenario ``<run>`` (``ckpt`` or
   ``zero-<method>``), copied to ``OUT_DIR/resume-<run>-in``, up to iteration 20.
 """
@@ -157,8 +159,125 @@ def result(engine: zg.Engine) -> dict[str, Any]:
             "global_step": engine.global_step, "stopped_early": engine.stopped_early}
 
 
+def _failure(fn: Callable[[], object]) -> str:
+    """The error ``fn`` raises, its lines joined ("" when it returns)."""
+    try:
+        fn()
+    except Exception as e:  # the message is the result
+        return " ".join(line for line in f"{type(e).__name__}: {e}".splitlines() if line)
+    return ""
+
+
+def fsdp_facts(rank: int, world: int) -> dict[str, Any]:
+    """The gradient g = ∂L/∂θ (create_graph), a Hessian-vector product H v and the mixed
+    product ∂²L/∂λ∂θ · v of an inner loss on the global batch, for θ = build()'s MLP with
+    its parameters sharded by torch's FSDP2 (``fully_shard``) or as DTensors:
+
+    * ``sharded``: torch.autograd.grad with respect to the module's parameters after
+      ``fully_shard(reshard_after_forward=False)`` and ``set_reshard_after_backward(False)``
+      (the advice of pytorch#172543): the error;
+    * ``resharded``: ``unshard()``, then differentiating the unsharded parameters the module
+      holds, with FSDP's default reshard after backward: the double backward's error;
+    * ``gathered``: the same with both reshards off, local results averaged by all-reduce:
+      the largest relative error against the global batch (kept gathered, it is exact);
+    * ``dtensor``: ``torch.func.functional_call`` on a hook-free copy with Shard(0) DTensor
+      parameters (redistributed to Replicate inside) and a Shard(0) batch: the error;
+    * ``local``: Shard(0) DTensor parameters (the leaves) gathered into plain tensors by
+      ``redistribute(Replicate)`` and ``to_local(grad_placements=[Partial()])``, the module
+      run by functional_call on the rank's plain batch, the local loss divided by the world
+      size: the backward of the gather reduce-scatters, so g and H v come out as Shard(0)
+      DTensors of the global quantities (the mixed product, with respect to the replicated
+      λ, is local and summed by all-reduce): the largest relative error, and the placements.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    if not dist.is_initialized():
+        zg.distributed.init_distributed("ddp")
+    mesh = init_device_mesh("cpu", (world,))
+    train, _ = data()
+    x, y = train.tensors[0][: 2 * B], train.tensors[1][: 2 * B]
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    torch.manual_seed(0)
+    lam = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                                   torch.nn.Linear(4, 1)).to(DTYPE)
+
+    def loss_of(out: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean() + scale * (out ** 2).mean()
+
+    def products(loss: torch.Tensor, params: list[torch.Tensor],
+                 vs: list[torch.Tensor], upper: torch.Tensor) -> list[torch.Tensor]:
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        hv = torch.autograd.grad(g, params, vs, retain_graph=True)
+        (mixed,) = torch.autograd.grad(g, [upper], vs)
+        return [t.detach() for t in (*g, *hv, mixed)]
+
+    ref_net = net()
+    vs = [torch.randn(p.shape, dtype=DTYPE) for p in ref_net.parameters()]
+    reference = products(loss_of(ref_net(x), y, lam), list(ref_net.parameters()), vs, lam)
+
+    def sharded() -> None:
+        m = net()
+        fully_shard(m, mesh=mesh, reshard_after_forward=False)
+        m.set_reshard_after_backward(False)  # type: ignore[operator]
+        params = list(m.parameters())
+        products(loss_of(m(xs), ys, lam), params, vs, lam)
+
+    def gathered(reshard_after_backward: bool) -> list[torch.Tensor]:
+        m = net()
+        fully_shard(m, mesh=mesh, reshard_after_forward=False)
+        m.set_reshard_after_backward(reshard_after_backward)  # type: ignore[operator]
+        m.unshard()  # type: ignore[operator]
+        local = products(loss_of(m(xs), ys, lam), list(m.parameters()), vs, lam)
+        for t in local:
+            dist.all_reduce(t)
+            t.div_(world)
+        return local
+
+    def functional() -> None:
+        m = net()
+        names = [n for n, _ in m.named_parameters()]
+        params = [distribute_tensor(p.detach(), mesh, [Shard(0)]).requires_grad_()
+                  for p in m.parameters()]
+        full = [p.redistribute(mesh, [Replicate()]) for p in params]
+        out = torch.func.functional_call(
+            m, dict(zip(names, full)), (DTensor.from_local(xs, mesh, [Shard(0)]),))
+        loss = loss_of(out, DTensor.from_local(ys, mesh, [Shard(0)]),
+                       DTensor.from_local(lam, mesh, [Replicate()]))
+        products(loss, params, [distribute_tensor(v, mesh, [Shard(0)]) for v in vs], lam)
+
+    def local() -> tuple[list[torch.Tensor], set[str]]:
+        m = net()
+        names = [n for n, _ in m.named_parameters()]
+        params = [distribute_tensor(p.detach(), mesh, [Shard(0)]).requires_grad_()
+                  for p in m.parameters()]
+        full = [p.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+                for p in params]
+        out = torch.func.functional_call(m, dict(zip(names, full)), (xs,))
+        found = products(loss_of(out, ys, lam) / world, params,
+                         [distribute_tensor(v, mesh, [Shard(0)]) for v in vs], lam)
+        dist.all_reduce(found[-1])
+        placements = {str(t.placements) for t in found[:-1] if isinstance(t, DTensor)}
+        return [t.full_tensor() if isinstance(t, DTensor) else t for t in found], placements
+
+    def error(found: list[torch.Tensor]) -> float:
+        return max(float((a - b).norm() / b.norm()) for a, b in zip(found, reference))
+
+    by_dtensor, placements = local()
+    return {"sharded": _failure(sharded), "resharded": _failure(lambda: gathered(True)),
+            "dtensor": _failure(functional), "gathered": error(gathered(False)),
+            "local": error(by_dtensor), "local_placements": sorted(placements)}
+
+
 def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
     kind, _, method = name.partition("-")
+    if kind == "fsdp":
+        return fsdp_facts(rank, world)
     if kind in ("equal", "zero"):
         calls = [0]
         real = dist.all_reduce
