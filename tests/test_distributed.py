@@ -284,17 +284,21 @@ def test_fsdp2_facts_behind_the_refusal(runs: tuple[Path, dict[str, list[Any]]])
     torch (tests/programs/data_parallel.py, ``fsdp_facts``). If this fails after a torch
     upgrade, FSDP2 may now support second-order autograd.grad: revisit the refusal in
     ziggurat/parallel.py and docs/distributed.md."""
+    # torch's failures are pinned only on the release they were checked on (a user's other
+    # torch is not wrong for lacking them); the exact routes are asserted on every release
+    checked_release = torch.__version__.startswith("2.13.")
     for facts in runs[1]["fsdp"]:
-        # the sharded parameters are not in the graph, even with both reshards off
-        assert "not have been used in the graph" in facts["sharded"]
-        # differentiating the gathered parameters: FSDP's reshard after backward frees the
-        # storage the double backward needs ...
-        assert "storage of size 0" in facts["resharded"]
-        # ... and with the parameters kept gathered it is exact, i.e. plain data parallelism
+        if checked_release:
+            # the sharded parameters are not in the graph, even with both reshards off
+            assert "not have been used in the graph" in facts["sharded"]
+            # differentiating the gathered parameters: FSDP's reshard after backward frees
+            # the storage the double backward needs ...
+            assert "storage of size 0" in facts["resharded"]
+            # DTensor parameters and batch through functional_call: the double backward's
+            # sharding propagation fails
+            assert "Sharding propagation failed" in facts["dtensor"]
+        # with the parameters kept gathered it is exact, i.e. plain data parallelism
         assert facts["gathered"] <= 1e-12
-        # DTensor parameters and batch through functional_call: the double backward's
-        # sharding propagation fails
-        assert "Sharding propagation failed" in facts["dtensor"]
         # DTensor parameters gathered by a differentiable redistribute + to_local(Partial)
         # on a plain local batch: exact, g and H v sharded (the route an "fsdp" would take)
         assert facts["local"] <= 1e-12
