@@ -200,8 +200,8 @@ class Engine:
             if cfg.log_step is not None and self.global_step % cfg.log_step == 0:
                 for record in self._train_records(time.perf_counter() - start):
                     stream.write(record)
-            if progress.mode != "off":  # the losses cost a host sync each: skip when unseen
-                progress.update(self.global_step, self._latest_losses())
+            if progress.mode != "off":  # the losses cost a host sync each: read when shown
+                progress.update(self.global_step, self._latest_losses)
             if cfg.valid_step is not None and self.global_step % cfg.valid_step == 0:
                 metrics = self.validation()
                 if self._parallel is not None:  # every rank uses rank 0's metrics

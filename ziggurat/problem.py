@@ -622,16 +622,20 @@ class Problem:
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """∂L/∂θ_self (with its graph when ``create_graph``) and, for each problem this one
         reads, the vector ∂L/∂θ_read (always a constant), in one backward pass."""
-        self._graph_or_error()
+        if self._graph is None:
+            self._graph_or_error()
+        if not self._reads:  # nothing read: the gradients of the own parameters only
+            if not params:
+                return [], {}
+            raw = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
+            return _dense(raw, params), {}
         read = [name for name, _ in self._reads]
         read_params = [other.read_parameters() for _, other in self._reads]
-        inputs = params + [p for ps in read_params for p in ps] if read_params else params
+        inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
             return [], {}
         raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
-        # autograd may hand back expanded (stride-0) views, which in-place sums cannot take
-        grads = [torch.zeros_like(p) if g is None else g if g.is_contiguous() else
-                 g.contiguous() for p, g in zip(params, raw)]
+        grads = _dense(raw[:len(params)], params)
         vectors: dict[str, list[Tensor]] = {}
         offset = len(params)
         for name, ps in zip(read, read_params):
@@ -775,11 +779,23 @@ def _overrides(problem: Problem, hook: str, base: type[Problem] = Problem) -> bo
     return hook in problem.__dict__ or getattr(type(problem), hook) is not getattr(base, hook)
 
 
+def _dense(raw: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients as contiguous tensors, zeros for unused parameters (autograd may hand back
+    expanded, stride-0, views, which in-place sums cannot take)."""
+    return [torch.zeros_like(p) if g is None else g if g.is_contiguous() else g.contiguous()
+            for p, g in zip(params, raw)]
+
+
 def _mean_loss(losses: Sequence[Tensor]) -> Tensor:
     """Detached mean of a step's micro-batch losses (half precision widened to float32)."""
-    values = [x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
-              for x in losses]
-    return values[0] if len(values) == 1 else torch.stack(values).mean()
+    if len(losses) == 1:
+        return _widened(losses[0].detach())
+    return torch.stack([_widened(x.detach()) for x in losses]).mean()
+
+
+def _widened(loss: Tensor) -> Tensor:
+    """``loss`` in float32 when it is half precision, else itself."""
+    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
