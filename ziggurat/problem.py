@@ -302,7 +302,8 @@ class Problem:
 
         Also fixes, once, what every step would otherwise look up again: the problems this
         one reads, the other problems whose view (``as_read``) does something, and which of
-        the step's hooks are overridden (on the class or the instance)."""
+        the step's hooks are overridden (on the class or the instance; a hook assigned
+        after the problem joined an Engine is seen at the next ``set_dependency``)."""
         self._graph = graph
         self._others = {n: p for n, p in problems.items() if n != self.name}
         self._reads = [(n, self._others[n]) for n in graph.reads[self.name]]
@@ -312,7 +313,7 @@ class Problem:
 
     def _method_prepares(self) -> bool:
         """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
-        return "before_optimizer_step" in self._hooks
+        return _overrides(self, "before_optimizer_step")
 
     def start_unroll(self) -> None:
         """Begin an unroll: the hook, and a snapshot when roll_back is on."""
@@ -771,7 +772,7 @@ class ImplicitProblem(Problem):
 
 
 #: hooks of the step that the step calls only when a problem overrides them
-_STEP_HOOKS = ("grad_callback", "param_callback", "before_optimizer_step")
+_STEP_HOOKS = ("grad_callback", "param_callback")
 
 
 def _overrides(problem: Problem, hook: str, base: type[Problem] = Problem) -> bool:
