@@ -97,6 +97,7 @@ class Problem:
         self._viewers: list[Problem] = []
         self._hooks: frozenset[str] = frozenset()
         self._prepares = False
+        self._plain_loss = False
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
         self.comm: Communicator | None = None
 
@@ -310,6 +311,8 @@ class Problem:
         self._viewers = [o for o in self._others.values() if _overrides(o, "as_read")]
         self._hooks = frozenset(h for h in _STEP_HOOKS if _overrides(self, h))
         self._prepares = self._method_prepares()
+        # fp32 and no view to enter: the loss is training_step's value, no context around it
+        self._plain_loss = self.config.precision == "fp32" and not self._viewers
 
     def _method_prepares(self) -> bool:
         """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
@@ -543,7 +546,10 @@ class Problem:
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """``_accumulated_gradients`` for one micro-batch and no loss scaling (the common
         case): the same arithmetic, without the lists and the averaging of one value."""
-        (loss,) = self._batch_losses([batch], record=True, mean=False)
+        if self._plain_loss:
+            loss = self._loss_of(self.training_step(batch), record=True)
+        else:
+            (loss,) = self._batch_losses([batch], record=True, mean=False)
         self.last_loss = _mean_loss((loss,))
         return self._raw_gradients(loss, params)
 
