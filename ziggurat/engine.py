@@ -73,7 +73,9 @@ class Engine:
 
     # ----------------------------------------------------------------- program structure
     def set_dependency(self, dependencies: DependencySpec | None) -> None:
-        """(Re)wire the program; step counters of the schedule start afresh."""
+        """(Re)wire the program; step counters of the schedule start afresh. The settings the
+        schedule and the steps read (``unroll_steps``, ``warmup_steps``, overridden hooks)
+        are taken here, once, not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
         reserved = {attr for p in self.problems for attr in dir(p)} | set(dir(self)) | {"graph"}
         graph = build_graph(self.problems, dependencies, reserved)
