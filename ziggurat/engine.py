@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -72,7 +73,9 @@ class Engine:
 
     # ----------------------------------------------------------------- program structure
     def set_dependency(self, dependencies: DependencySpec | None) -> None:
-        """(Re)wire the program; step counters of the schedule start afresh."""
+        """(Re)wire the program; step counters of the schedule start afresh. The settings the
+        schedule and the steps read (``unroll_steps``, ``warmup_steps``, overridden hooks)
+        are taken here, once, not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
         reserved = {attr for p in self.problems for attr in dir(p)} | set(dir(self)) | {"graph"}
         graph = build_graph(self.problems, dependencies, reserved)
@@ -84,6 +87,7 @@ class Engine:
         # counted steps of each lower problem since each of its upper problems last stepped
         self._pending = {(u, c): 0 for c in self.graph.names for u in self.graph.parents[c]}
         self._unroll_open = {n: False for n in self.graph.names}
+        self._plan = _schedule_plan(self.graph, self._by_name)
 
     def __getattr__(self, item: str) -> Any:
         by_name = self.__dict__.get("_by_name")
@@ -93,37 +97,38 @@ class Engine:
 
     # ----------------------------------------------------------------- schedule
     def _ready(self, name: str) -> bool:
-        return all(
-            self._pending[(name, c)] >= self._by_name[c].config.unroll_steps
-            for c in self.graph.children[name]
-        )
+        pending = self._pending
+        return all(pending[key] >= unroll for key, unroll in self._plan[name].waits)
 
     def _step(self, name: str) -> None:
-        problem = self._by_name[name]
-        counted = problem.count >= problem.config.warmup_steps
+        entry = self._plan[name]
+        problem = entry.problem
+        counted = problem.count >= entry.warmup
         if counted and not self._unroll_open[name]:
             problem.start_unroll()
             self._unroll_open[name] = True
         problem.step()
         if counted:
-            for u in self.graph.parents[name]:
-                self._pending[(u, name)] += 1
+            pending = self._pending
+            for key in entry.counts:
+                pending[key] += 1
 
     def train_step(self) -> list[str]:
         """One iteration of the schedule; returns the names of the problems that stepped."""
         stepped: list[str] = []
         finished: list[str] = []
-        for name in self.graph.order:
-            if self.graph.is_leaf(name) or self._ready(name):
+        for name, entry in self._plan.items():
+            if entry.leaf or self._ready(name):
                 self._step(name)
                 stepped.append(name)
-                if not self.graph.is_leaf(name):
-                    for c in self.graph.children[name]:
-                        self._pending[(name, c)] = 0
-                        finished.append(c)
-        for c in dict.fromkeys(finished):
-            self._by_name[c].end_unroll()
-            self._unroll_open[c] = False
+                if not entry.leaf:
+                    for key, _ in entry.waits:
+                        self._pending[key] = 0
+                    finished.extend(entry.children)
+        if finished:
+            for c in dict.fromkeys(finished):
+                self._by_name[c].end_unroll()
+                self._unroll_open[c] = False
         self.global_step += 1
         return stepped
 
@@ -197,8 +202,8 @@ class Engine:
             if cfg.log_step is not None and self.global_step % cfg.log_step == 0:
                 for record in self._train_records(time.perf_counter() - start):
                     stream.write(record)
-            if progress.mode != "off":  # the losses cost a host sync each: skip when unseen
-                progress.update(self.global_step, self._latest_losses())
+            if progress.mode != "off":  # the losses cost a host sync each: read when shown
+                progress.update(self.global_step, self._latest_losses)
             if cfg.valid_step is not None and self.global_step % cfg.valid_step == 0:
                 metrics = self.validation()
                 if self._parallel is not None:  # every rank uses rank 0's metrics
@@ -326,6 +331,39 @@ class Engine:
         self._bad_validations += 1
         return self._bad_validations >= cfg.early_stopping_patience
 
+
+
+@dataclass(frozen=True)
+class _PlanEntry:
+    """What the schedule reads about one problem at every iteration, looked up once.
+
+    ``waits``: for each lower problem c, the key (self, c) of its counted steps and the
+    ``unroll_steps`` it must reach; ``counts``: the keys (upper, self) a counted step of this
+    problem increments; ``warmup``: its ``warmup_steps``."""
+
+    problem: Problem
+    leaf: bool
+    children: tuple[str, ...]
+    waits: tuple[tuple[tuple[str, str], int], ...]
+    counts: tuple[tuple[str, str], ...]
+    warmup: int
+
+
+def _schedule_plan(graph: ProgramGraph, by_name: Mapping[str, Problem]) -> dict[str, _PlanEntry]:
+    """The schedule's per-problem lookups, in the graph's bottom-up order (the order in
+    which ``train_step`` visits the problems)."""
+    return {
+        name: _PlanEntry(
+            problem=by_name[name],
+            leaf=graph.is_leaf(name),
+            children=tuple(graph.children[name]),
+            waits=tuple(((name, c), by_name[c].config.unroll_steps)
+                        for c in graph.children[name]),
+            counts=tuple((u, name) for u in graph.parents[name]),
+            warmup=by_name[name].config.warmup_steps,
+        )
+        for name in graph.order
+    }
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -92,6 +92,12 @@ class Problem:
         self._initialized = False
         self._scaler: DynamicLossScaler | None = None
         self._unroll_batches: list[list[Any]] = []
+        # what the step path needs, fixed when the problem joins a program (see attach)
+        self._reads: list[tuple[str, Problem]] = []
+        self._viewers: list[Problem] = []
+        self._hooks: frozenset[str] = frozenset()
+        self._prepares = False
+        self._plain_loss = False
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
         self.comm: Communicator | None = None
 
@@ -187,9 +193,10 @@ class Problem:
         return use_parameters(self.module, params, [p.clone() for p in params])
 
     def _others_view(self, clone: bool = False) -> ExitStack:
-        """Every other problem as seen from this one's loss (``as_read`` of each)."""
+        """Every other problem as seen from this one's loss (``as_read`` of each; without
+        ``clone`` only those whose ``as_read`` is overridden: the base one does nothing)."""
         stack = ExitStack()
-        for other in self._others.values():
+        for other in self._others.values() if clone or self._graph is None else self._viewers:
             stack.enter_context(other.as_read(clone))
         return stack
 
@@ -292,9 +299,24 @@ class Problem:
         self.epoch_callback()
 
     def attach(self, graph: ProgramGraph, problems: Mapping[str, Problem]) -> None:
-        """Join a program: know the graph and reach the other problems by name."""
+        """Join a program: know the graph and reach the other problems by name.
+
+        Also fixes, once, what every step would otherwise look up again: the problems this
+        one reads, the other problems whose view (``as_read``) does something, and which of
+        the step's hooks are overridden (on the class or the instance; a hook assigned
+        after the problem joined an Engine is seen at the next ``set_dependency``)."""
         self._graph = graph
         self._others = {n: p for n, p in problems.items() if n != self.name}
+        self._reads = [(n, self._others[n]) for n in graph.reads[self.name]]
+        self._viewers = [o for o in self._others.values() if _overrides(o, "as_read")]
+        self._hooks = frozenset(h for h in _STEP_HOOKS if _overrides(self, h))
+        self._prepares = self._method_prepares()
+        # fp32 and no view to enter: the loss is training_step's value, no context around it
+        self._plain_loss = self.config.precision == "fp32" and not self._viewers
+
+    def _method_prepares(self) -> bool:
+        """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
+        return _overrides(self, "before_optimizer_step")
 
     def start_unroll(self) -> None:
         """Begin an unroll: the hook, and a snapshot when roll_back is on."""
@@ -406,15 +428,21 @@ class Problem:
             grads = self._global_gradients(own, vectors, params)
         elif vectors:
             torch._foreach_add_(grads, self._hypergradient(vectors, params))
-        grads = self._final_gradients(grads, params)
-        if self.config.gradient_clipping is not None:
-            grads = clip_by_total_norm(grads, self.config.gradient_clipping)
+        hooks = self._hooks
+        if "grad_callback" in hooks:
+            grads = self._final_gradients(grads, params)
+        clipping = self.config.gradient_clipping
+        if clipping is not None:
+            grads = clip_by_total_norm(grads, clipping)
         for p, g in zip(params, grads):
             p.grad = g
-        self.before_optimizer_step(params)
+        if self._prepares:
+            self.before_optimizer_step(params)
         self.custom_optimizer_step()
-        self._step_scheduler()
-        self.param_callback(params)
+        if self.scheduler is not None:
+            self._step_scheduler()
+        if "param_callback" in hooks:
+            self.param_callback(params)
         for p in params:
             p.grad = None
         self.count += 1
@@ -445,7 +473,7 @@ class Problem:
     def _draw_batches(self) -> list[Any]:
         """The step's micro-batches; ``cur_batch`` is the batch, or all of them."""
         n = self.config.gradient_accumulation
-        batches = [self.get_batch() for _ in range(n)]
+        batches = [self.get_batch()] if n == 1 else [self.get_batch() for _ in range(n)]
         self.cur_batch = batches[0] if n == 1 else MicroBatches(batches)
         if self._snapshot is not None:  # roll_back: the unroll will be taken again
             self._unroll_batches.append(batches)
@@ -460,11 +488,15 @@ class Problem:
         loss becomes ``last_loss``."""
         losses = []
         precision = self.config.precision
-        autocast = (nullcontext() if precision == "fp32"
-                    else autocast_for(precision, self.device))
-        with autocast, self._others_view(clone_others):
+        autocast = None if precision == "fp32" else autocast_for(precision, self.device)
+        if autocast is None and not clone_others and not self._viewers:
+            # nothing to enter: no autocast and every other problem reads as itself
             for b in batches:
                 losses.append(self._loss_of(self.training_step(b), record=record))
+        else:
+            with autocast or nullcontext(), self._others_view(clone_others):
+                for b in batches:
+                    losses.append(self._loss_of(self.training_step(b), record=record))
         if record and mean:
             self.last_loss = _mean_loss(losses)
         return losses
@@ -474,6 +506,8 @@ class Problem:
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """Mean over micro-batches of ∂L/∂θ_self and of ∂L/∂θ_read for each read problem,
         each micro-batch differentiated separately (unscaled if fp16 loss scaling is on)."""
+        if self._scaler is None and len(batches) == 1:
+            return self._single_batch_gradients(batches[0], params)
         scale = 1.0 if self._scaler is None else self._scaler.scale
         weight = scale / len(batches)
         own: list[Tensor] = []
@@ -506,6 +540,18 @@ class Problem:
             for vec in vectors.values():
                 torch._foreach_div_(vec, scale)
         return own, vectors
+
+    def _single_batch_gradients(
+        self, batch: Any, params: list[Tensor]
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """``_accumulated_gradients`` for one micro-batch and no loss scaling (the common
+        case): the same arithmetic, without the lists and the averaging of one value."""
+        if self._plain_loss:
+            loss = self._loss_of(self.training_step(batch), record=True)
+        else:
+            (loss,) = self._batch_losses([batch], record=True, mean=False)
+        self.last_loss = _mean_loss((loss,))
+        return self._raw_gradients(loss, params)
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -548,6 +594,11 @@ class Problem:
         """Called with gradients in place, just before the optimizer steps."""
 
     def _loss_of(self, out: Any, record: bool = False) -> Tensor:
+        if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
+            if record:
+                self.last_metrics = {}
+                self.last_loss = out.detach()
+            return out
         if isinstance(out, Mapping):
             if "loss" not in out:
                 raise ZigguratError(
@@ -578,16 +629,20 @@ class Problem:
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """∂L/∂θ_self (with its graph when ``create_graph``) and, for each problem this one
         reads, the vector ∂L/∂θ_read (always a constant), in one backward pass."""
-        graph = self._graph_or_error()
-        read = list(graph.reads[self.name])
-        read_params = [self._others[c].read_parameters() for c in read]
+        if self._graph is None:
+            self._graph_or_error()
+        if not self._reads:  # nothing read: the gradients of the own parameters only
+            if not params:
+                return [], {}
+            raw = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
+            return _dense(raw, params), {}
+        read = [name for name, _ in self._reads]
+        read_params = [other.read_parameters() for _, other in self._reads]
         inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
             return [], {}
         raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
-        # autograd may hand back expanded (stride-0) views, which in-place sums cannot take
-        grads = [torch.zeros_like(p) if g is None else g if g.is_contiguous() else
-                 g.contiguous() for p, g in zip(params, raw)]
+        grads = _dense(raw[:len(params)], params)
         vectors: dict[str, list[Tensor]] = {}
         offset = len(params)
         for name, ps in zip(read, read_params):
@@ -711,12 +766,43 @@ class ImplicitProblem(Problem):
         ):
             method.before_optimizer_step(self.optimizer, params, self.method_state)
 
+    def _method_prepares(self) -> bool:
+        """True when the method records something before each optimizer step (SAMA) for an
+        upper problem, or ``before_optimizer_step`` is overridden below this class."""
+        method = self.method
+        if _overrides(self, "before_optimizer_step", ImplicitProblem):
+            return True
+        return (isinstance(method, HypergradMethod) and self._graph is not None
+                and bool(self._graph.parents[self.name])
+                and type(method).before_optimizer_step is not HypergradMethod.before_optimizer_step)
+
+
+#: hooks of the step that the step calls only when a problem overrides them
+_STEP_HOOKS = ("grad_callback", "param_callback")
+
+
+def _overrides(problem: Problem, hook: str, base: type[Problem] = Problem) -> bool:
+    """Whether ``problem`` replaces ``base``'s ``hook``, on its class or on itself."""
+    return hook in problem.__dict__ or getattr(type(problem), hook) is not getattr(base, hook)
+
+
+def _dense(raw: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients as contiguous tensors, zeros for unused parameters (autograd may hand back
+    expanded, stride-0, views, which in-place sums cannot take)."""
+    return [torch.zeros_like(p) if g is None else g if g.is_contiguous() else g.contiguous()
+            for p, g in zip(params, raw)]
+
 
 def _mean_loss(losses: Sequence[Tensor]) -> Tensor:
     """Detached mean of a step's micro-batch losses (half precision widened to float32)."""
-    values = [x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
-              for x in losses]
-    return values[0] if len(values) == 1 else torch.stack(values).mean()
+    if len(losses) == 1:
+        return _widened(losses[0].detach())
+    return torch.stack([_widened(x.detach()) for x in losses]).mean()
+
+
+def _widened(loss: Tensor) -> Tensor:
+    """``loss`` in float32 when it is half precision, else itself."""
+    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -13,6 +13,10 @@ from ..validation import check_int
 from .base import format_number, importable, missing_package
 
 PROGRESS_MODES: tuple[str, ...] = ("auto", "rich", "tqdm", "plain", "off")
+#: metrics to show, or a function returning them (called only when they are displayed)
+Latest = Mapping[str, float] | Callable[[], Mapping[str, float]]
+#: seconds between two reads of lazy metrics by a live bar (rich and tqdm redraw at 10 Hz)
+REFRESH_S = 0.1
 _OWNER = "EngineConfig"
 _FIELD = "progress"
 
@@ -79,7 +83,10 @@ class Progress:
             passed on to rich.
 
     ``update(global_step, latest)`` takes ``global_step`` as the number of iterations done
-    so far (1 after the first) and ``latest`` as metric name -> value to show. ``close``
+    so far (1 after the first) and ``latest`` as metric name -> value to show, or a function
+    returning them: it is called only when the values are shown (a plain line is printed,
+    or a live bar redraws, at most every ``REFRESH_S`` seconds and at the last iteration),
+    so values that cost a host sync are not read at iterations nobody sees. ``close``
     prints the last plain line if the last update was not printed; it is idempotent.
 
     Example:
@@ -113,6 +120,8 @@ class Progress:
         self._start = time.perf_counter()
         self._step = initial
         self._latest: Mapping[str, float] = {}
+        self._pending: Callable[[], Mapping[str, float]] | None = None  # lazy, not yet read
+        self._read_at = -float("inf")  # when a live bar last read lazy metrics
         self._printed_step = initial
         self._closed = False
         self._bar: Any = None
@@ -169,27 +178,47 @@ class Progress:
             f"[{self._step:>{len(str(self.total))}}/{self.total}] {percent:3.0f}% "
             f"{self._rate_text()} {_format_seconds(elapsed)}"
         )
-        metrics = _format_metrics(self._latest)
+        metrics = _format_metrics(self._read())
         return f"{line} {metrics}" if metrics else line
 
-    def update(self, global_step: int, latest: Mapping[str, float]) -> None:
-        """Move to ``global_step`` iterations done and show ``latest``."""
+    def _take(self, latest: Latest) -> None:
+        """Keep ``latest``: values now, a function until they are shown."""
+        if callable(latest):
+            self._pending = latest
+        else:
+            self._latest, self._pending = latest, None
+
+    def _read(self) -> Mapping[str, float]:
+        """The metrics to show (reading lazy ones now)."""
+        if self._pending is not None:
+            self._latest, self._pending = self._pending(), None
+        return self._latest
+
+    def update(self, global_step: int, latest: Latest) -> None:
+        """Move to ``global_step`` iterations done and show ``latest`` (see the class)."""
         if self._closed or self.mode == "off":
             return
         self._step = global_step
-        self._latest = latest
+        self._take(latest)
         if self.mode == "plain":
             if global_step - self._printed_step >= self.plain_every or global_step >= self.total:
                 self._print_plain()
-        elif self.mode == "rich":
-            self._bar.update(
-                self._task,
-                completed=global_step,
-                rate=self._rate_text(),
-                metrics=_format_metrics(latest),
-            )
+            return
+        live = self._pending is None or global_step >= self.total
+        if not live:  # lazy metrics: read them at the bar's redraw rate
+            now = time.perf_counter()
+            live = now - self._read_at >= REFRESH_S
+            if live:
+                self._read_at = now
+        if self.mode == "rich":
+            if live:
+                self._bar.update(self._task, completed=global_step, rate=self._rate_text(),
+                                 metrics=_format_metrics(self._read()))
+            else:
+                self._bar.update(self._task, completed=global_step, rate=self._rate_text())
         else:
-            self._bar.set_postfix_str(_format_metrics(latest), refresh=False)
+            if live:
+                self._bar.set_postfix_str(_format_metrics(self._read()), refresh=False)
             self._bar.update(global_step - self._bar.n)
 
     def _print_plain(self) -> None:
@@ -205,9 +234,13 @@ class Progress:
             if self._step != self._printed_step:
                 self._print_plain()
         elif self.mode == "rich":
+            if self._pending is not None:
+                self._bar.update(self._task, metrics=_format_metrics(self._read()))
             self._bar.update(self._task, rate=self._rate_text())
             self._bar.stop()
         elif self.mode == "tqdm":
+            if self._pending is not None:
+                self._bar.set_postfix_str(_format_metrics(self._read()), refresh=False)
             self._bar.close()
 
     def __enter__(self) -> Progress:
