@@ -186,6 +186,22 @@ def test_hooks_assigned_on_the_instance_are_called() -> None:
     assert seen == [[1.0, 1.0], [1.0, 1.0]]  # zero gradients: θ never moves
 
 
+def test_a_config_replaced_after_set_up_is_followed() -> None:
+    autocast_seen: list[bool] = []
+
+    class Watched(Single):
+        def training_step(self, batch: Any) -> torch.Tensor:
+            autocast_seen.append(torch.is_autocast_enabled("cpu"))
+            return super().training_step(batch)
+
+    p = single(Watched)
+    engine = zg.Engine([p])
+    engine.train_step()
+    p.config = zg.Config(precision="bf16")  # after the plan was fixed at set-up
+    engine.train_step()
+    assert autocast_seen == [False, True]
+
+
 def test_sama_records_before_each_lower_step_only_below_an_upper_problem() -> None:
     upper = Quad("upper", lowers=["lower"])
     lower = Quad("lower", uppers=["upper"], config=zg.Config(type="sama"))

@@ -98,6 +98,7 @@ class Problem:
         self._hooks: frozenset[str] = frozenset()
         self._prepares = False
         self._plain_loss = False
+        self._planned_config: Config | None = None
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
         self.comm: Communicator | None = None
 
@@ -304,11 +305,18 @@ class Problem:
         Also fixes, once, what every step would otherwise look up again: the problems this
         one reads, the other problems whose view (``as_read``) does something, and which of
         the step's hooks are overridden (on the class or the instance; a hook assigned
-        after the problem joined an Engine is seen at the next ``set_dependency``)."""
+        after the problem joined an Engine is seen at the next ``set_dependency``, or when
+        ``config`` is replaced)."""
         self._graph = graph
         self._others = {n: p for n, p in problems.items() if n != self.name}
         self._reads = [(n, self._others[n]) for n in graph.reads[self.name]]
         self._viewers = [o for o in self._others.values() if _overrides(o, "as_read")]
+        self._fix_config_plan()
+
+    def _fix_config_plan(self) -> None:
+        """The parts of the step's plan that follow from the config and the hooks (taken
+        again when ``config`` is replaced by a new one)."""
+        self._planned_config = self.config
         self._hooks = frozenset(h for h in _STEP_HOOKS if _overrides(self, h))
         self._prepares = self._method_prepares()
         # fp32 and no view to enter: the loss is training_step's value, no context around it
@@ -414,6 +422,8 @@ class Problem:
 
     def _step_on(self, batches: list[Any]) -> None:
         """The step after its batches are drawn (also what re-runs of a step execute)."""
+        if self.config is not self._planned_config:  # a config replaced after attach
+            self._fix_config_plan()
         params = self.trainable_parameters()
         own, vectors = self._accumulated_gradients(batches, params)
         if self._scaler is not None:
