@@ -160,3 +160,35 @@ def test_fused_cg_in_a_program_whose_upper_loss_reads_its_own_parameters(
     h = r.hessian() + damping * torch.eye(ts.numel(), dtype=DTYPE)
     expected = 0.7 * r.lam - r.mixed(ts, torch.linalg.solve(h, r.v(ts)))
     assert got and all(rel_err(g, expected) <= 1e-10 for g in got)
+
+
+class _HalfSquare(torch.autograd.Function):
+    """½‖θ‖² whose backward hands back a view of θ: the graph of ∇_θ L is a pass-through,
+    so autograd returns the vector x itself as H x (H = I)."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(theta)
+        return 0.5 * (theta * theta).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (theta,) = ctx.saved_tensors
+        return theta.view_as(theta)  # valid for grad = 1, the loss's own seed
+
+
+def test_products_that_alias_their_vector_are_copied_before_in_place_updates() -> None:
+    """H = I, M = I: Neumann / CG update H x in place; they must not write into x (or v)."""
+    theta = torch.tensor([0.3, -1.2, 2.0], dtype=DTYPE, requires_grad=True)
+    lam = torch.zeros(3, dtype=DTYPE, requires_grad=True)
+    obj = zg.InnerObjective([theta], [lam],
+                            lambda: _HalfSquare.apply(theta) + (lam * theta).sum())
+    v = torch.tensor([1.0, 2.0, -3.0], dtype=DTYPE)
+    alpha, k = 0.5, 3
+    x = alpha * sum((1 - alpha) ** j for j in range(k + 1)) * v
+    out = zg.Neumann(iterations=k, alpha=alpha)(obj, [v])[0]
+    assert torch.allclose(out, -x, rtol=1e-15, atol=0)
+    v_before = v.clone()
+    out = zg.CG(iterations=2, damping=0.5)(obj, [v])[0]
+    assert torch.allclose(out, -v / 1.5, rtol=1e-15, atol=0)
+    assert torch.equal(v, v_before)

@@ -125,6 +125,15 @@ def fixed_randomness(tensors: Sequence[Tensor]) -> Iterator[Callable[[], None]]:
         yield replay
 
 
+def _owned(out: Sequence[Tensor | None], params: Sequence[Tensor],
+           x: Sequence[Tensor]) -> TensorList:
+    """Detached products, zeros for None; a copy where autograd handed back the vector x
+    itself (a pass-through path), so that callers can update products in place."""
+    return [torch.zeros_like(p) if o is None
+            else o.detach().clone() if o.data_ptr() == xi.data_ptr() else o.detach()
+            for o, p, xi in zip(out, params, x)]
+
+
 class Curvature:
     """Second-order products of L_in at the current point, sharing one graph of ∇_θ L_in.
 
@@ -163,10 +172,10 @@ class Curvature:
         )
 
     def hvp(self, x: Sequence[Tensor]) -> TensorList:
-        """H x with H = ∂²_{θθ} L_in."""
+        """H x with H = ∂²_{θθ} L_in, as new tensors the caller may overwrite."""
         params = self.objective.params
         out = self._product(params, x, retain=True)
-        hx = [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+        hx = _owned(out, params, x)
         if self.objective.reduce is not None:  # the global H x (one all-reduce)
             self.objective.reduce.mean_(hx)
         return hx
@@ -196,8 +205,7 @@ class Curvature:
         out = self._product(params + upper, x, retain=retain)
         if not retain:
             self._grad = None
-        hx = [torch.zeros_like(p) if o is None else o.detach()
-              for o, p in zip(out[: len(params)], params)]
+        hx = _owned(out[: len(params)], params, x)
         if obj.reduce is not None:  # the global H x (one all-reduce, as in ``hvp``)
             obj.reduce.mean_(hx)
         return hx, self._upper_part(out[len(params):])
