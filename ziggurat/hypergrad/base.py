@@ -349,7 +349,9 @@ class HypergradMethod(Method, ABC):
         """The mixed-product mode of this call. "auto": forward mode for methods that build
         no graph of ∇_θ L_in (Darts, SAMA) when the objective carries its module and θ has
         at least ``FORWARD_MODE_MIN_PARAMETERS`` entries, since it is exact and cheaper than
-        double backward there; else ``default_mixed``."""
+        double backward there; else ``default_mixed``. Methods that multiply by H keep
+        "exact": their graph of ∇_θ L_in exists already, and a backward through it to λ
+        only costs less than a dual forward (CG even fuses it, ``solve_mixed``)."""
         if self.mixed != "auto":
             return self.mixed
         module = objective.module
