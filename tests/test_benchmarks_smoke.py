@@ -60,3 +60,12 @@ def test_accuracy_table_is_exact_where_the_method_is(capsys: pytest.CaptureFixtu
     assert float(rows["cg-100"][0]) <= 1e-10
     assert float(rows["cg-10"][0]) < float(rows["cg-3"][0]) < float(rows["cg-1"][0])
     assert float(rows["neumann-100 (α = 1/λmax)"][0]) < float(rows["neumann-1 (α = 1/λmax)"][0])
+
+
+def test_solver_products_reports_every_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    import solver_products
+
+    solver_products.main(["--quick"])
+    out = capsys.readouterr().out
+    for phase in solver_products.PHASES:
+        assert phase in out

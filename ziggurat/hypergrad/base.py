@@ -125,6 +125,15 @@ def fixed_randomness(tensors: Sequence[Tensor]) -> Iterator[Callable[[], None]]:
         yield replay
 
 
+def _owned(out: Sequence[Tensor | None], params: Sequence[Tensor],
+           x: Sequence[Tensor]) -> TensorList:
+    """Detached products, zeros for None; a copy where autograd handed back the vector x
+    itself (a pass-through path), so that callers can update products in place."""
+    return [torch.zeros_like(p) if o is None
+            else o.detach().clone() if o.data_ptr() == xi.data_ptr() else o.detach()
+            for o, p, xi in zip(out, params, x)]
+
+
 class Curvature:
     """Second-order products of L_in at the current point, sharing one graph of ∇_θ L_in.
 
@@ -163,10 +172,10 @@ class Curvature:
         )
 
     def hvp(self, x: Sequence[Tensor]) -> TensorList:
-        """H x with H = ∂²_{θθ} L_in."""
+        """H x with H = ∂²_{θθ} L_in, as new tensors the caller may overwrite."""
         params = self.objective.params
         out = self._product(params, x, retain=True)
-        hx = [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+        hx = _owned(out, params, x)
         if self.objective.reduce is not None:  # the global H x (one all-reduce)
             self.objective.reduce.mean_(hx)
         return hx
@@ -176,6 +185,39 @@ class Curvature:
         obj = self.objective
         out = self._product(obj.upper_params, x, retain=False)
         self._grad = None
+        return self._upper_part(out)
+
+    def hvp_and_mixed(self, x: Sequence[Tensor], retain: bool = True) -> tuple[
+        TensorList, TensorList
+    ]:
+        """(H x, ∂²_{λθ} L_in · x) from one backward of <∇_θ L_in, x> to θ and λ together.
+
+        Both are derivatives of the same scalar <g, x>, so one pass through the graph of g
+        gives both; the λ part costs little beyond H x (on the reweighting workload, the
+        backward through the small upper model only). In a data-parallel run H x is
+        averaged over the ranks like ``hvp``'s, while the mixed part stays local: the
+        caller's upper gradient is all-reduced once later. ``retain=False`` releases the
+        graph (for the last product of a solve).
+        """
+        obj = self.objective
+        params = list(obj.params)
+        upper = list(obj.upper_params)
+        out = self._product(params + upper, x, retain=retain)
+        if not retain:
+            self._grad = None
+        hx = _owned(out[: len(params)], params, x)
+        if obj.reduce is not None:  # the global H x (one all-reduce, as in ``hvp``)
+            obj.reduce.mean_(hx)
+        return hx, self._upper_part(out[len(params):])
+
+    def release(self) -> None:
+        """Drop the graph of ∇_θ L_in (a later product builds it again)."""
+        self._grad = None
+
+    def _upper_part(self, out: Sequence[Tensor | None]) -> TensorList:
+        """The λ-gradients of a product, zeros for unused λ; an error if every one is unused
+        (the hypergradient would be silently zero)."""
+        obj = self.objective
         if all(o is None for o in out):
             raise HypergradientError(_NOT_COUPLED.format(
                 what="∇_θ L", name=obj.name, upper=obj.upper_name))
@@ -307,7 +349,9 @@ class HypergradMethod(Method, ABC):
         """The mixed-product mode of this call. "auto": forward mode for methods that build
         no graph of ∇_θ L_in (Darts, SAMA) when the objective carries its module and θ has
         at least ``FORWARD_MODE_MIN_PARAMETERS`` entries, since it is exact and cheaper than
-        double backward there; else ``default_mixed``."""
+        double backward there; else ``default_mixed``. Methods that multiply by H keep
+        "exact": their graph of ∇_θ L_in exists already, and a backward through it to λ
+        only costs less than a dual forward (CG even fuses it, ``solve_mixed``)."""
         if self.mixed != "auto":
             return self.mixed
         module = objective.module
@@ -323,6 +367,16 @@ class HypergradMethod(Method, ABC):
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         """Return x ≈ H⁻¹ v (or the method's stand-in for it)."""
 
+    def solve_mixed(
+        self, objective: InnerObjective, v: TensorList, curvature: Curvature
+    ) -> TensorList | None:
+        """∂²_{λθ} L_in · x for the x that ``solve`` returns, computed alongside the solve
+        from the Hessian-vector products it takes anyway (``Curvature.hvp_and_mixed``),
+        or None when the method does not fuse (default). Used for the exact mixed product
+        only; it must equal ``curvature.mixed(solve(...))`` up to rounding and leave the
+        graph of ∇_θ L_in released."""
+        return None
+
     def uniform_scale(self, objective: InnerObjective) -> float | None:
         """c when ``solve`` returns c·v with one scalar c for every tensor (else None).
 
@@ -335,6 +389,23 @@ class HypergradMethod(Method, ABC):
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
         """Called by the lower problem just before its optimizer steps (default: nothing)."""
+
+    def _mixed_product(
+        self, mode: str, objective: InnerObjective, curvature: Curvature, x: TensorList
+    ) -> TensorList:
+        """∂²_{λθ} L_in · x in the call's mode (see ``_mode``)."""
+        if mode == "exact":
+            return curvature.mixed(x)
+        if mode == "forward":
+            return mixed_forward(objective, x)
+        if mode == "auto-forward":
+            try:
+                return mixed_forward(objective, x)
+            except (RuntimeError, NotImplementedError):
+                # an operator without a forward-mode formula: the exact double backward
+                # (which re-raises any error that is not about forward mode)
+                return curvature.mixed(x)
+        return mixed_finite_difference(objective, x, self.fd_eps)
 
     def __call__(self, objective: InnerObjective, v: Sequence[Tensor]) -> TensorList:
         """(dθ*/dλ)ᵀ v, to be added to ∂_λ L_out."""
@@ -368,20 +439,15 @@ class HypergradMethod(Method, ABC):
                 vec = [vi if g.requires_grad else torch.zeros_like(vi)
                        for vi, g in zip(vec, curvature.gradient())]
             scale = self.uniform_scale(objective)
-            x = vec if scale is not None else self.solve(objective, vec, curvature)
-            if mode == "exact":
-                product = curvature.mixed(x)
-            elif mode == "forward":
-                product = mixed_forward(objective, x)
-            elif mode == "auto-forward":
-                try:
-                    product = mixed_forward(objective, x)
-                except (RuntimeError, NotImplementedError):
-                    # an operator without a forward-mode formula: the exact double backward
-                    # (which re-raises any error that is not about forward mode)
-                    product = curvature.mixed(x)
+            # exact mode: a method that fuses takes the mixed product from its own
+            # Hessian-vector products (no separate backward through the graph of ∇_θ L_in)
+            fused = (self.solve_mixed(objective, vec, curvature)
+                     if mode == "exact" and scale is None else None)
+            if fused is not None:
+                product = fused
             else:
-                product = mixed_finite_difference(objective, x, self.fd_eps)
+                x = vec if scale is not None else self.solve(objective, vec, curvature)
+                product = self._mixed_product(mode, objective, curvature, x)
         if scale is not None:
             return [p.mul_(-scale) for p in product]
         return [p.neg_() for p in product]

@@ -1,7 +1,8 @@
 """Conjugate gradient: x solves (H + δI) x = v, exact on a quadratic after dim(θ) steps.
 
 Textbook CG (Hestenes & Stiefel) on tensor lists, one Hessian-vector product per
-iteration, no host synchronisation unless ``tol`` is set. Converges for H + δI positive
+iteration, no host synchronisation unless ``tol`` is set. In exact mode the mixed product
+rides along with those products (``solve_mixed``). Converges for H + δI positive
 definite; H must be symmetric (true for a Hessian).
 
 Breakdown guard (as in Steihaug's truncated CG): the iteration stops moving at the first
@@ -36,7 +37,10 @@ class CG(HypergradMethod):
             singular H; biases the answer by O(δ)).
         tol: stop early when ‖r‖ <= tol·‖v‖ (costs one host sync per iteration); None runs
             every iteration.
-        mixed: "exact" (default via "auto"), "fd" or "auto".
+        mixed: "exact" (default via "auto"), "forward", "fd" or "auto". Exact mode is
+            fused: each iteration's backward of <∇_θ L_in, p_k> goes to θ and λ together,
+            giving H p_k and M p_k = ∂²_{λθ} L_in p_k at once, and the mixed product of
+            x = Σ_k α_k p_k is Σ_k α_k M p_k: no separate backward for it.
         fd_eps: finite-difference radius numerator when mixed="fd".
 
     Example:
@@ -63,34 +67,68 @@ class CG(HypergradMethod):
         check_float("CG", "tol", self.tol, strict=True, allow_none=True)
         self._check_mixed()
 
-    def _operator(self, curvature: Curvature, p: TensorList) -> TensorList:
-        hp = curvature.hvp(p)
-        if self.damping:
-            linalg.axpy_(self.damping, p, hp)
-        return hp
-
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
-        x = linalg.zeros_like(v)
+        x, _ = self._iterate(v, curvature, fused=False)
+        assert x is not None
+        return x
+
+    def solve_mixed(
+        self, objective: InnerObjective, v: TensorList, curvature: Curvature
+    ) -> TensorList | None:
+        """M x_K = Σ_k α_k M p_k with M = ∂²_{λθ} L_in, from the products of
+        ``Curvature.hvp_and_mixed``: x_K = Σ_k α_k p_k is never formed, and no separate
+        backward is taken for the mixed product (damping shifts H only, not M). A subclass
+        that overrides ``solve`` is not fused."""
+        if type(self).solve is not CG.solve:
+            return None
+        _, mx = self._iterate(v, curvature, fused=True)
+        if mx is None:  # stopped before any product (v = 0): x = 0, checked as unfused
+            return curvature.mixed(linalg.zeros_like(v))
+        return mx
+
+    def _iterate(
+        self, v: TensorList, curvature: Curvature, fused: bool
+    ) -> tuple[TensorList | None, TensorList | None]:
+        """CG from x₀ = 0. Unfused: (x, None). Fused: (None, M x), with M x None when no
+        product was taken; the graph of ∇_θ L_in is released after the last product."""
+        x = None if fused else linalg.zeros_like(v)
+        mx: TensorList | None = None
         r = linalg.clone(v)
-        p = linalg.clone(v)
+        p = list(v)  # never written in place: each iteration makes a new p
         rr = linalg.dot(r, r)
         stop = None if self.tol is None else (self.tol * linalg.norm(v)) ** 2
         tiny = 100.0 * torch.finfo(rr.dtype).eps
         active = torch.ones((), dtype=torch.bool, device=rr.device)
         top_curvature = torch.zeros_like(rr)
-        for _ in range(self.iterations):
+        for k in range(self.iterations):
             if stop is not None and bool(rr <= stop):
                 break
-            ap = self._operator(curvature, p)
+            last = k == self.iterations - 1
+            if fused:
+                ap, mp = curvature.hvp_and_mixed(p, retain=not last)
+            else:
+                ap, mp = curvature.hvp(p), None
+            if self.damping:
+                linalg.axpy_(self.damping, p, ap)
             pap = linalg.dot(p, ap)
             direction_curvature = linalg.safe_div(pap, linalg.dot(p, p))
             top_curvature = torch.maximum(top_curvature, direction_curvature)
             active = active & (pap > 0) & (direction_curvature > tiny * top_curvature)
             step = torch.where(active, linalg.safe_div(rr, pap), torch.zeros_like(rr))
-            linalg.axpy_(step, p, x)
+            if mp is not None:
+                if mx is None:
+                    mx = linalg.scale(step, mp)
+                else:
+                    linalg.axpy_(step, mp, mx)
+            if x is not None:
+                linalg.axpy_(step, p, x)
+            if last:  # the residual and next direction would go unused
+                break
             linalg.axpy_(-step, ap, r)
             rr_new = linalg.dot(r, r)
             beta = linalg.safe_div(rr_new, rr)
             p = linalg.axpy(beta, p, r)
             rr = rr_new
-        return x
+        if fused:
+            curvature.release()
+        return x, mx

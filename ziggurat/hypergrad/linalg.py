@@ -38,17 +38,29 @@ def norm(xs: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(xs))))
 
 
+def _broadcast_alpha(alpha: Tensor, xs: Sequence[Tensor]) -> bool:
+    """On CPU a 0-dim tensor alpha is broadcast by addcmul, so no alpha * x temporary is
+    written (fresh θ-sized pages cost as much as the arithmetic there). On accelerators the
+    multi-tensor kernels need equal shapes, so two of them (mul, add) are kept."""
+    return len(xs) > 0 and xs[0].device.type == "cpu" and alpha.device.type == "cpu"
+
+
 def axpy(alpha: Tensor | float, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
-    """Return y + alpha * x (new tensors)."""
+    """Return y + alpha * x (new tensors; no host sync for a tensor alpha)."""
     if isinstance(alpha, Tensor):
+        if _broadcast_alpha(alpha, xs):
+            return list(torch._foreach_addcmul(list(ys), list(xs), [alpha] * len(xs)))
         return list(torch._foreach_add(list(ys), torch._foreach_mul(list(xs), alpha)))
     return list(torch._foreach_add(list(ys), list(xs), alpha=alpha))
 
 
 def axpy_(alpha: Tensor | float, xs: Sequence[Tensor], ys: list[Tensor]) -> None:
-    """y += alpha * x, in place."""
+    """y += alpha * x, in place (no temporary on CPU, see ``axpy``)."""
     if isinstance(alpha, Tensor):
-        torch._foreach_add_(ys, torch._foreach_mul(list(xs), alpha))
+        if _broadcast_alpha(alpha, xs):
+            torch._foreach_addcmul_(ys, list(xs), [alpha] * len(xs))
+        else:
+            torch._foreach_add_(ys, torch._foreach_mul(list(xs), alpha))
     else:
         torch._foreach_add_(ys, list(xs), alpha=alpha)
 

@@ -26,7 +26,9 @@ class Neumann(HypergradMethod):
         power_iterations: power-iteration steps per estimate of λ_max.
         alpha_refresh: re-estimate λ_max every this many calls (from the last power
             iterate, so the estimate sharpens over the run).
-        mixed, fd_eps: how the mixed product is computed ("exact" by default).
+        mixed, fd_eps: how the mixed product is computed. "auto" is "exact": one backward
+            to λ only through the graph of ∇_θ L_in that the products built, measured
+            cheaper than forward mode's dual forward (docs/methods.md).
 
     Example:
         >>> import torch, ziggurat as zg

@@ -73,6 +73,8 @@ def richardson(
     else:
         y = linalg.clone(start)
     for _ in range(iterations):
-        residual = torch._foreach_sub(v, curvature.hvp(y))
-        linalg.axpy_(alpha, residual, y)
+        # y += α(v − Hy), written into the fresh product Hy (no θ-sized temporary)
+        hy = curvature.hvp(y)
+        torch._foreach_sub_(hy, v)
+        linalg.axpy_(-alpha, hy, y)
     return y
