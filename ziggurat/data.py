@@ -10,6 +10,17 @@ import torch.utils.data
 from .errors import ConfigError
 
 
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor moved to ``device`` (dicts, lists and tuples rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def is_loader_group(data: object) -> bool:
     """True for a list or tuple of DataLoaders (several loaders zipped into one batch)."""
     return (

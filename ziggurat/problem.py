@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .data import BatchStream
+from .data import BatchStream, to_device
 from .errors import ConfigError, HypergradientError, ZigguratError
 from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
 from .registry import Family, Method
@@ -383,9 +383,9 @@ class Problem:
         self.epoch = int(state["epoch"])
         if self._stream is not None and state["stream"] is not None:
             self._stream.load_state_dict(state["stream"])
-        self.method_state = _to_device(dict(state["method_state"]), device)
+        self.method_state = to_device(dict(state["method_state"]), device)
         self._snapshot = None if state["snapshot"] is None else Snapshot.from_state_dict(
-            self.module, self.optimizer, self.scheduler, _to_device(state["snapshot"], device))
+            self.module, self.optimizer, self.scheduler, to_device(state["snapshot"], device))
         self._unroll_batches = list(state["unroll_batches"] or [])
         batch = state["cur_batch"]
         self.cur_batch = MicroBatches(batch) if state["cur_batch_micro"] else batch
@@ -813,15 +813,3 @@ def _mean_loss(losses: Sequence[Tensor]) -> Tensor:
 def _widened(loss: Tensor) -> Tensor:
     """``loss`` in float32 when it is half precision, else itself."""
     return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor moved to ``device`` (containers rebuilt)."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-

@@ -26,7 +26,7 @@ from torch import Tensor
 from ... import iterative as _iterative
 from ... import problem as _problem
 from ...config import Config as ZConfig
-from ...data import BatchStream
+from ...data import BatchStream, to_device
 from ...errors import ConfigError
 from .configs import Config
 from .hypergradient import method_for
@@ -42,16 +42,6 @@ def _loaders(data: Any) -> Any:
     if isinstance(data, tuple):
         return data[0] if len(data) == 1 else list(data)
     return data
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
@@ -152,7 +142,7 @@ class Problem(_problem.Problem):
     def get_batch(self) -> Any:
         batch = super().get_batch()
         if self.target_device is not None and self.target_device.type != "cpu":
-            batch = _to_device(batch, self.target_device)
+            batch = to_device(batch, self.target_device)
         return batch
 
     def initialize(self) -> None:
