@@ -87,3 +87,12 @@ def condition_number(r: Ridge) -> float:
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def krylov_solution(h: Tensor, v: Tensor, k: int) -> Tensor:
+    """argmin over the Krylov space K_k(H, v) of ½xᵀHx − vᵀx: what k CG steps must return."""
+    basis = [v]
+    for _ in range(k - 1):
+        basis.append(h @ basis[-1])
+    q, _ = torch.linalg.qr(torch.stack(basis, dim=1))
+    return q @ torch.linalg.solve(q.T @ h @ q, q.T @ v)

@@ -14,7 +14,7 @@ import ziggurat as zg
 from ziggurat.hypergrad import Curvature
 
 from helpers import Vec
-from ridge import DTYPE, Ridge, make_ridge, rel_err
+from ridge import DTYPE, Ridge, krylov_solution, make_ridge, rel_err
 
 
 @pytest.fixture
@@ -31,13 +31,6 @@ def grad_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     yield calls
 
 
-def _krylov_solution(h: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
-    """argmin over K_k(H, v) of ½xᵀHx − vᵀx: the iterate k CG steps must return."""
-    basis = [v]
-    for _ in range(k - 1):
-        basis.append(h @ basis[-1])
-    q, _ = torch.linalg.qr(torch.stack(basis, dim=1))
-    return q @ torch.linalg.solve(q.T @ h @ q, q.T @ v)
 
 
 def _unfused(method: zg.CG, obj: zg.InnerObjective, v: list[torch.Tensor]) -> torch.Tensor:
@@ -65,7 +58,7 @@ def test_fused_cg_equals_unfused_and_closed_form(k: int, damping: float,
     assert grad_calls[0] == 1 + k + 1
     assert rel_err(fused, unfused) <= 1e-12
     h = r.hessian() + damping * torch.eye(theta0.numel(), dtype=DTYPE)
-    x = _krylov_solution(h, v[0], k)
+    x = krylov_solution(h, v[0], k)
     assert rel_err(fused, -r.mixed(theta0, x)) <= 1e-10
     if k == theta0.numel():  # exact after dim(θ) steps
         expected = -r.mixed(theta0, torch.linalg.solve(h, v[0]))

@@ -15,43 +15,9 @@ import torch
 
 import ziggurat as zg
 
-from helpers import Vec
+from helpers import Quad
 
 DTYPE = torch.float64
-
-
-
-
-class Quad(zg.ImplicitProblem):
-    """L = ½‖θ − Σ_uppers θ_u‖² + ½‖Σ_lowers θ_c‖²; counts on_inner_loop_start calls."""
-
-    def __init__(
-        self,
-        name: str,
-        uppers: tuple[str, ...] = (),
-        lowers: tuple[str, ...] = (),
-        config: zg.Config | None = None,
-        init: tuple[float, float] = (1.0, -2.0),
-        optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
-    ) -> None:
-        module = Vec(list(init))
-        opt = (optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.1)))(module.parameters())
-        super().__init__(name, module=module, optimizer=opt, config=config)
-        self.uppers = uppers
-        self.lowers = lowers
-        self.unroll_starts: list[int] = []  # self.count at each on_inner_loop_start
-
-    def training_step(self, batch: Any) -> torch.Tensor:
-        zero = torch.zeros(2, dtype=DTYPE)
-        target = sum((getattr(self, u)() for u in self.uppers), zero)
-        loss = 0.5 * ((self() - target) ** 2).sum()
-        if self.lowers:
-            below = sum((getattr(self, c)() for c in self.lowers), zero)
-            loss = loss + 0.5 * (below**2).sum()
-        return loss
-
-    def on_inner_loop_start(self) -> None:
-        self.unroll_starts.append(self.count)
 
 
 def run_steps(engine: zg.Engine, n: int) -> list[list[str]]:

@@ -9,7 +9,7 @@ import torch
 
 import ziggurat as zg
 
-from ridge import DTYPE, Ridge, condition_number, make_ridge, rel_err
+from ridge import DTYPE, Ridge, condition_number, krylov_solution, make_ridge, rel_err
 
 CONDITIONS = [2.0, 40.0]
 
@@ -60,13 +60,6 @@ def test_implicit_methods_use_current_theta_away_from_optimum(ridge: Ridge) -> N
         assert rel_err(_run(method, ridge, theta0), ridge.implicit_hypergrad(theta0)) <= 1e-8
 
 
-def _krylov_solution(h: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
-    """argmin over the Krylov space K_k(H, v) of ½xᵀHx − vᵀx: what k CG steps must return."""
-    basis = [v]
-    for _ in range(k - 1):
-        basis.append(h @ basis[-1])
-    q, _ = torch.linalg.qr(torch.stack(basis, dim=1))
-    return q @ torch.linalg.solve(q.T @ h @ q, q.T @ v)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -76,7 +69,7 @@ def test_cg_partial_iterations_equal_krylov_minimiser(k: int, damping: float) ->
     r = make_ridge(40.0)
     theta0 = r.theta_star() - 0.2
     h = r.hessian() + damping * torch.eye(theta0.numel(), dtype=DTYPE)
-    x = _krylov_solution(h, r.v(theta0), k)
+    x = krylov_solution(h, r.v(theta0), k)
     out = _run(zg.CG(iterations=k, damping=damping), r, theta0)
     assert rel_err(out, -r.mixed(theta0, x)) <= 1e-10
 

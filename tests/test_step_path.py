@@ -18,33 +18,9 @@ import torch
 import ziggurat as zg
 from ziggurat.logging import Progress
 
-from helpers import Vec
+from helpers import Quad, Vec
 
 DTYPE = torch.float64
-
-
-class Quad(zg.ImplicitProblem):
-    """L = ½‖θ − Σ_uppers θ_u‖² + ½‖Σ_lowers θ_c‖², SGD with lr 0.1."""
-
-    def __init__(self, name: str, uppers: Sequence[str] = (), lowers: Sequence[str] = (),
-                 config: zg.Config | None = None) -> None:
-        module = Vec([1.0, -2.0])
-        super().__init__(name, module=module,
-                         optimizer=torch.optim.SGD(module.parameters(), lr=0.1), config=config)
-        self.uppers, self.lowers = tuple(uppers), tuple(lowers)
-        self.unroll_starts: list[int] = []
-
-    def training_step(self, batch: Any) -> torch.Tensor:
-        zero = torch.zeros(2, dtype=DTYPE)
-        target = sum((getattr(self, u)() for u in self.uppers), zero)
-        loss = 0.5 * ((self() - target) ** 2).sum()
-        if self.lowers:
-            below = sum((getattr(self, c)() for c in self.lowers), zero)
-            loss = loss + 0.5 * (below**2).sum()
-        return loss
-
-    def on_inner_loop_start(self) -> None:
-        self.unroll_starts.append(self.count)
 
 
 def reference_schedule(
