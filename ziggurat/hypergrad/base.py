@@ -134,6 +134,16 @@ def _owned(out: Sequence[Tensor | None], params: Sequence[Tensor],
             for o, p, xi in zip(out, params, x)]
 
 
+def _upper_part(objective: InnerObjective, out: Sequence[Tensor | None]) -> TensorList:
+    """The λ-gradients of a mixed product, zeros for unused λ; an error if every one is
+    unused (the hypergradient would be silently zero)."""
+    if all(o is None for o in out):
+        raise HypergradientError(_NOT_COUPLED.format(
+            what="∇_θ L", name=objective.name, upper=objective.upper_name))
+    return [torch.zeros_like(p) if o is None else o.detach()
+            for o, p in zip(out, objective.upper_params)]
+
+
 class Curvature:
     """Second-order products of L_in at the current point, sharing one graph of ∇_θ L_in.
 
@@ -185,7 +195,7 @@ class Curvature:
         obj = self.objective
         out = self._product(obj.upper_params, x, retain=False)
         self._grad = None
-        return self._upper_part(out)
+        return _upper_part(obj, out)
 
     def hvp_and_mixed(self, x: Sequence[Tensor], retain: bool = True) -> tuple[
         TensorList, TensorList
@@ -208,23 +218,12 @@ class Curvature:
         hx = _owned(out[: len(params)], params, x)
         if obj.reduce is not None:  # the global H x (one all-reduce, as in ``hvp``)
             obj.reduce.mean_(hx)
-        return hx, self._upper_part(out[len(params):])
+        return hx, _upper_part(obj, out[len(params):])
 
     def release(self) -> None:
         """Drop the graph of ∇_θ L_in (a later product builds it again)."""
         self._grad = None
 
-    def _upper_part(self, out: Sequence[Tensor | None]) -> TensorList:
-        """The λ-gradients of a product, zeros for unused λ; an error if every one is unused
-        (the hypergradient would be silently zero)."""
-        obj = self.objective
-        if all(o is None for o in out):
-            raise HypergradientError(_NOT_COUPLED.format(
-                what="∇_θ L", name=obj.name, upper=obj.upper_name))
-        return [
-            torch.zeros_like(p) if o is None else o.detach()
-            for o, p in zip(out, obj.upper_params)
-        ]
 
 
 def upper_gradient(objective: InnerObjective) -> list[Tensor | None]:
@@ -316,10 +315,7 @@ def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
         tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
     out = (torch.autograd.grad(tangent, upper, allow_unused=True)
            if tangent is not None and tangent.requires_grad else [None] * len(upper))
-    if all(o is None for o in out):  # as in exact mode: never a silent zero hypergradient
-        raise HypergradientError(_NOT_COUPLED.format(
-            what="∇_θ L", name=objective.name, upper=objective.upper_name))
-    return [torch.zeros_like(u) if o is None else o.detach() for o, u in zip(out, upper)]
+    return _upper_part(objective, out)  # as in exact mode: never a silent zero hypergradient
 
 
 class HypergradMethod(Method, ABC):
