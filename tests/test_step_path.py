@@ -178,6 +178,16 @@ def test_a_config_replaced_after_set_up_is_followed() -> None:
     assert autocast_seen == [False, True]
 
 
+def test_a_replaced_unroll_setting_is_followed_by_the_schedule() -> None:
+    upper = Quad("upper", lowers=["lower"])
+    lower = Quad("lower", uppers=["upper"], config=zg.Config(unroll_steps=1))
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower))
+    assert [engine.train_step() for _ in range(2)] == [["lower", "upper"]] * 2
+    lower.config = zg.Config(unroll_steps=3)
+    assert [engine.train_step() for _ in range(3)] == [["lower"], ["lower"],
+                                                        ["lower", "upper"]]
+
+
 def test_sama_records_before_each_lower_step_only_below_an_upper_problem() -> None:
     upper = Quad("upper", lowers=["lower"])
     lower = Quad("lower", uppers=["upper"], config=zg.Config(type="sama"))

@@ -73,9 +73,9 @@ class Engine:
 
     # ----------------------------------------------------------------- program structure
     def set_dependency(self, dependencies: DependencySpec | None) -> None:
-        """(Re)wire the program; step counters of the schedule start afresh. The settings the
-        schedule and the steps read (``unroll_steps``, ``warmup_steps``, overridden hooks)
-        are taken here, once, not at every iteration."""
+        """(Re)wire the program; step counters of the schedule start afresh. The graph
+        lookups the schedule needs (leaves, children, counter keys) are taken here, once,
+        not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
         reserved = {attr for p in self.problems for attr in dir(p)} | set(dir(self)) | {"graph"}
         graph = build_graph(self.problems, dependencies, reserved)
@@ -98,12 +98,13 @@ class Engine:
     # ----------------------------------------------------------------- schedule
     def _ready(self, name: str) -> bool:
         pending = self._pending
-        return all(pending[key] >= unroll for key, unroll in self._plan[name].waits)
+        return all(pending[key] >= lower.config.unroll_steps
+                   for key, lower in self._plan[name].waits)
 
     def _step(self, name: str) -> None:
         entry = self._plan[name]
         problem = entry.problem
-        counted = problem.count >= entry.warmup
+        counted = problem.count >= problem.config.warmup_steps
         if counted and not self._unroll_open[name]:
             problem.start_unroll()
             self._unroll_open[name] = True
@@ -337,16 +338,16 @@ class Engine:
 class _PlanEntry:
     """What the schedule reads about one problem at every iteration, looked up once.
 
-    ``waits``: for each lower problem c, the key (self, c) of its counted steps and the
-    ``unroll_steps`` it must reach; ``counts``: the keys (upper, self) a counted step of this
-    problem increments; ``warmup``: its ``warmup_steps``."""
+    ``waits``: for each lower problem c, the key (self, c) of its counted steps and c
+    (whose ``config.unroll_steps`` it must reach, read at each iteration so that a replaced
+    config is followed); ``counts``: the keys (upper, self) a counted step of this problem
+    increments."""
 
     problem: Problem
     leaf: bool
     children: tuple[str, ...]
-    waits: tuple[tuple[tuple[str, str], int], ...]
+    waits: tuple[tuple[tuple[str, str], Problem], ...]
     counts: tuple[tuple[str, str], ...]
-    warmup: int
 
 
 def _schedule_plan(graph: ProgramGraph, by_name: Mapping[str, Problem]) -> dict[str, _PlanEntry]:
@@ -357,10 +358,8 @@ def _schedule_plan(graph: ProgramGraph, by_name: Mapping[str, Problem]) -> dict[
             problem=by_name[name],
             leaf=graph.is_leaf(name),
             children=tuple(graph.children[name]),
-            waits=tuple(((name, c), by_name[c].config.unroll_steps)
-                        for c in graph.children[name]),
+            waits=tuple(((name, c), by_name[c]) for c in graph.children[name]),
             counts=tuple((u, name) for u in graph.parents[name]),
-            warmup=by_name[name].config.warmup_steps,
         )
         for name in graph.order
     }
