@@ -136,6 +136,20 @@ def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.dtype, torch.device],
     return out
 
 
+def _flatten(tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """The tensors' values, concatenated into one flat tensor (written into ``out`` if given)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+
+
+def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` back into ``tensors`` (the inverse of _flatten)."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 class _Buffers:
     """Flat communication buffers kept between steps, one per (dtype, device, size): a
     fresh multi-megabyte buffer every call costs page faults on first touch."""
@@ -147,10 +161,7 @@ class _Buffers:
         """A buffer holding the concatenation of ``tensors`` (flattened)."""
         numel = sum(t.numel() for t in tensors)
         free = self._free.get((tensors[0].dtype, tensors[0].device, numel))
-        buf = free.pop() if free else None
-        if buf is None:
-            return torch.cat([t.detach().reshape(-1) for t in tensors])
-        return torch.cat([t.detach().reshape(-1) for t in tensors], out=buf)
+        return _flatten(tensors, out=free.pop() if free else None)
 
     def give(self, buf: Tensor) -> None:
         """Return a buffer once nothing reads it any more."""
@@ -169,8 +180,7 @@ class Pending:
         self._work: list[tuple[Any, Tensor, list[int]]] = []
         for indices in _groups(tensors).values():
             group = [tensors[i] for i in indices]
-            flat = (buffers.take(group) if buffers is not None
-                    else torch.cat([t.detach().reshape(-1) for t in group]))
+            flat = buffers.take(group) if buffers is not None else _flatten(group)
             self._work.append((dist.all_reduce(flat, async_op=True), flat, indices))
 
     @property
@@ -185,12 +195,7 @@ class Pending:
             handle.wait()
             if self.divisor != 1.0:
                 flat.div_(self.divisor)
-            offset = 0
-            with torch.no_grad():
-                for i in indices:
-                    t = self.tensors[i]
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+            _unflatten_into(flat, [self.tensors[i] for i in indices])
             if self._buffers is not None:
                 self._buffers.give(flat)
 
@@ -264,14 +269,10 @@ class Communicator:
         dtype group): replicas start from the same parameters, as DDP's constructor does."""
         tensors = list(tensors)
         for indices in _groups(tensors).values():
-            flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+            group = [tensors[i] for i in indices]
+            flat = _flatten(group)
             dist.broadcast(flat, src)
-            offset = 0
-            with torch.no_grad():
-                for i in indices:
-                    t = tensors[i]
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
+            _unflatten_into(flat, group)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank (pickled; for small metadata only)."""
