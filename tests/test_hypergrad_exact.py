@@ -355,3 +355,15 @@ def test_sama_adam_product_by_blocks_equals_formula(
     assert rel_err(out, jac * v) <= 1e-12
     if amsgrad:  # the max branch really is taken somewhere (else the case tests nothing)
         assert bool((second != sq).any())
+
+
+def test_sama_adam_record_holds_the_gradient_not_a_copy() -> None:
+    """The Adam record keeps p.grad itself (no θ-sized copy per lower step)."""
+    theta = torch.nn.Parameter(torch.ones(4, 3))
+    opt = torch.optim.Adam([theta], lr=0.01)
+    state: dict[str, object] = {}
+    theta.grad = torch.randn(4, 3)
+    zg.SAMA().before_optimizer_step(opt, [theta], state)
+    record = state["sama"]
+    assert isinstance(record, dict)
+    assert record[0]["grad"].data_ptr() == theta.grad.data_ptr()

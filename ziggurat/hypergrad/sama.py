@@ -205,7 +205,10 @@ class SAMA(HypergradMethod):
                 buf = opt.state.get(p, {}).get("momentum_buffer")
                 record[index] = _sgd_coefficient(group, first_step=buf is None)
             else:
-                record[index] = dataclasses.asdict(_adam_step(opt, group, p))
+                adam = _adam_step(opt, group, p)
+                # not dataclasses.asdict: it deep-copies the gradient tensor (a θ-sized copy
+                # per lower step)
+                record[index] = {f.name: getattr(adam, f.name) for f in dataclasses.fields(adam)}
         state["sama"] = record
 
     def uniform_scale(self, objective: InnerObjective) -> float | None:
