@@ -19,6 +19,7 @@ from .config import Config
 from .data import BatchStream, to_device
 from .errors import ConfigError, HypergradientError, ZigguratError
 from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
+from .hypergrad.factored import LinearCapture, factored_entry
 from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
@@ -556,12 +557,34 @@ class Problem:
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """``_accumulated_gradients`` for one micro-batch and no loss scaling (the common
         case): the same arithmetic, without the lists and the averaging of one value."""
-        if self._plain_loss:
-            loss = self._loss_of(self.training_step(batch), record=True)
-        else:
-            (loss,) = self._batch_losses([batch], record=True, mean=False)
+        capture = self._linear_capture(params)
+        with capture or nullcontext():
+            if self._plain_loss:
+                loss = self._loss_of(self.training_step(batch), record=True)
+            else:
+                (loss,) = self._batch_losses([batch], record=True, mean=False)
         self.last_loss = _mean_loss((loss,))
-        return self._raw_gradients(loss, params)
+        return self._raw_gradients(loss, params, capture=capture)
+
+    def _linear_capture(self, params: list[Tensor]) -> LinearCapture | None:
+        """A capture of the linear layers of every read problem whose method takes v in
+        factors (``HypergradMethod.accepts_factors``: Darts, SAMA with SGD, forward mode), or
+        None. One process, fp32 only; weights this problem also trains are left alone."""
+        if not self._reads or self.comm is not None or self.config.precision != "fp32":
+            return None
+        own = {id(p) for p in params}
+        weights: dict[Hashable, Tensor] = {}
+        for name, other in self._reads:
+            if other.accepts_factored_vectors(self):
+                for index, w in enumerate(other.read_parameters()):
+                    if w.dim() == 2 and id(w) not in own:
+                        weights[(name, index)] = w
+        return LinearCapture(weights) if weights else None
+
+    def accepts_factored_vectors(self, upper: Problem) -> bool:
+        """Whether this problem's best-response product for ``upper`` takes ``LinearFactors``
+        in v (base problem: no)."""
+        return False
 
     def _step_scheduler(self) -> None:
         if self.scheduler is None:
@@ -635,10 +658,13 @@ class Problem:
         return loss if loss.dim() == 0 else loss.reshape(())
 
     def _raw_gradients(
-        self, loss: Tensor, params: list[Tensor], create_graph: bool = False
-    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        self, loss: Tensor, params: list[Tensor], create_graph: bool = False,
+        capture: LinearCapture | None = None,
+    ) -> tuple[list[Tensor], dict[str, list[Any]]]:
         """∂L/∂θ_self (with its graph when ``create_graph``) and, for each problem this one
-        reads, the vector ∂L/∂θ_read (always a constant), in one backward pass."""
+        reads, the vector ∂L/∂θ_read (always a constant), in one backward pass. With a
+        ``capture`` the same pass returns ∂L/∂y of the captured linear outputs, and those
+        weights' entries of v come as ``LinearFactors``."""
         if self._graph is None:
             self._graph_or_error()
         if not self._reads:  # nothing read: the gradients of the own parameters only
@@ -651,13 +677,22 @@ class Problem:
         inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
             return [], {}
-        raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+        outputs = capture.outputs() if capture is not None else []
+        raw = torch.autograd.grad(loss, inputs + outputs, allow_unused=True,
+                                  create_graph=create_graph)
+        factors = capture.factors(raw[len(inputs):]) if capture is not None else {}
         grads = _dense(raw[:len(params)], params)
-        vectors: dict[str, list[Tensor]] = {}
+        vectors: dict[str, list[Any]] = {}
         offset = len(params)
         for name, ps in zip(read, read_params):
             chunk = raw[offset:offset + len(ps)]
             offset += len(ps)
+            if factors and any((name, i) in factors for i in range(len(ps))):
+                vectors[name] = [
+                    factored_entry(g, p, factors[(name, i)]) if (name, i) in factors
+                    else torch.zeros_like(p) if g is None else g.detach().contiguous()
+                    for i, (p, g) in enumerate(zip(ps, chunk))]
+                continue
             if all(g is None for g in chunk):
                 raise HypergradientError(
                     f"the loss of problem '{self.name}' does not depend on the parameters of "
@@ -744,6 +779,14 @@ class ImplicitProblem(Problem):
             reduce=self.comm,
             module=self.module,
         )
+
+    def accepts_factored_vectors(self, upper: Problem) -> bool:
+        """Whether this problem's method takes v with ``LinearFactors`` for ``upper`` now
+        (after a first step, one process, no fp16 loss scaling)."""
+        method = self.method
+        return (self.count > 0 and self.comm is None and self._scaler is None
+                and isinstance(method, HypergradMethod)
+                and method.accepts_factors(self.objective(upper)))
 
     def _recomputed_loss(self, batch: Any) -> Tensor:
         """L_in on the step's batch (the mean over its micro-batches), autocast off: the

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -29,7 +29,8 @@ from ..errors import ConfigError, HypergradientError
 from ..registry import Family, Method
 from ..unrolled.reparam import use_parameters
 from ..validation import check_float
-from . import linalg
+from . import factored, linalg
+from .factored import FactoredTangents, LinearFactors, densify
 from .linalg import TensorList
 
 MixedMode = Literal["auto", "exact", "forward", "fd"]
@@ -289,7 +290,8 @@ def mixed_finite_difference(
 FORWARD_MODE_MIN_PARAMETERS = 1_000_000
 
 
-def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
+def mixed_forward(objective: InnerObjective,
+                  x: Sequence[Tensor | LinearFactors]) -> TensorList:
     """∂²_{λθ} L_in · x = ∇_λ (D_θ L_in[x]), exactly, by reverse over forward mode.
 
     One evaluation of L_in with the module computing on dual tensors θ + x·dε (forward mode
@@ -298,7 +300,9 @@ def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
     ∇_θ L_in and no backward through the lower model; unlike a finite difference it is
     exact and honours stop-gradients (a detached quantity has no tangent). Cost: about one
     forward pass with tangents (≈ a plain training step) plus the backward from the loss to
-    λ. Needs ``objective.module``.
+    λ. Entries of x given as ``LinearFactors`` enter through their factors (``factored``:
+    two thin products per ``F.linear`` instead of one with the whole matrix). Needs
+    ``objective.module``.
     """
     if objective.module is None:
         raise HypergradientError(
@@ -308,9 +312,17 @@ def mixed_forward(objective: InnerObjective, x: Sequence[Tensor]) -> TensorList:
     params = list(objective.params)
     upper = list(objective.upper_params)
     with torch.autograd.forward_ad.dual_level():
-        duals = [torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype))
-                 for p, xi in zip(params, x)]
-        with use_parameters(objective.module, params, duals):
+        values: list[Tensor] = []
+        stand_ins: dict[int, tuple[Tensor, Tensor, LinearFactors]] = {}
+        for p, xi in zip(params, x):
+            if isinstance(xi, LinearFactors):
+                stand_in = p.detach()  # a tensor of its own, recognised by identity
+                stand_ins[id(stand_in)] = (stand_in, p.detach(), xi)
+                values.append(stand_in)
+            else:
+                values.append(torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype)))
+        with use_parameters(objective.module, params, values), (
+                FactoredTangents(stand_ins) if stand_ins else nullcontext()):
             loss = objective.loss()
         tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
     out = (torch.autograd.grad(tangent, upper, allow_unused=True)
@@ -381,17 +393,26 @@ class HypergradMethod(Method, ABC):
         with fresh pages, saved)."""
         return None
 
+    def accepts_factors(self, objective: InnerObjective) -> bool:
+        """Whether a call on ``objective`` uses v only through D_θ L_in[c·v] (a uniform scale
+        and forward mode), so that linear layers' parts of v may come as ``LinearFactors``
+        (the upper problem then never forms them; see ``factored``)."""
+        return (factored.ENABLED and objective.reduce is None
+                and self.uniform_scale(objective) is not None
+                and self._mode(objective) in ("forward", "auto-forward"))
+
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
     ) -> None:
         """Called by the lower problem just before its optimizer steps (default: nothing)."""
 
     def _mixed_product(
-        self, mode: str, objective: InnerObjective, curvature: Curvature, x: TensorList
+        self, mode: str, objective: InnerObjective, curvature: Curvature,
+        x: Sequence[Tensor | LinearFactors]
     ) -> TensorList:
         """∂²_{λθ} L_in · x in the call's mode (see ``_mode``)."""
         if mode == "exact":
-            return curvature.mixed(x)
+            return curvature.mixed(densify(x))
         if mode == "forward":
             return mixed_forward(objective, x)
         if mode == "auto-forward":
@@ -400,11 +421,13 @@ class HypergradMethod(Method, ABC):
             except (RuntimeError, NotImplementedError):
                 # an operator without a forward-mode formula: the exact double backward
                 # (which re-raises any error that is not about forward mode)
-                return curvature.mixed(x)
-        return mixed_finite_difference(objective, x, self.fd_eps)
+                return curvature.mixed(densify(x))
+        return mixed_finite_difference(objective, densify(x), self.fd_eps)
 
-    def __call__(self, objective: InnerObjective, v: Sequence[Tensor]) -> TensorList:
-        """(dθ*/dλ)ᵀ v, to be added to ∂_λ L_out."""
+    def __call__(self, objective: InnerObjective,
+                 v: Sequence[Tensor | LinearFactors]) -> TensorList:
+        """(dθ*/dλ)ᵀ v, to be added to ∂_λ L_out (entries of v may be ``LinearFactors``
+        when ``accepts_factors``; they are formed as matrices wherever a method needs them)."""
         params = list(objective.params)
         if len(v) != len(params) or any(a.shape != b.shape for a, b in zip(v, params)):
             raise HypergradientError(
@@ -427,14 +450,16 @@ class HypergradMethod(Method, ABC):
                 if self.uses_hessian or mode == "exact":
                     curvature.gradient()
                 objective.reduce.wait()
-            vec = [t.detach() for t in v]
+            scale = self.uniform_scale(objective)
+            if scale is None or mode not in ("forward", "auto-forward"):
+                v = densify(v)
+            vec: list[Any] = [t if isinstance(t, LinearFactors) else t.detach() for t in v]
             if self.uses_hessian:
                 # θ_i that L_in's gradient does not depend on has a zero row and column in H:
                 # its best response does not move with λ, so its part of v contributes nothing
                 # (and would make the solve singular).
                 vec = [vi if g.requires_grad else torch.zeros_like(vi)
                        for vi, g in zip(vec, curvature.gradient())]
-            scale = self.uniform_scale(objective)
             # exact mode: a method that fuses takes the mixed product from its own
             # Hessian-vector products (no separate backward through the graph of ∇_θ L_in)
             fused = (self.solve_mixed(objective, vec, curvature)

@@ -1,0 +1,254 @@
+"""Linear layers' upper gradients kept as factors (``ziggurat.hypergrad.factored``).
+
+Every program is run three ways in float64: factored (the default for Darts / SAMA-SGD in
+forward mode), with the factored path switched off (dense v, forward mode), and with the exact
+double-backward mixed product; the upper parameters after a few steps must agree to 1e-12.
+Each test also checks that the factored path was really taken (so it could fail).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ziggurat as zg
+from ziggurat.hypergrad import base, factored
+
+DTYPE = torch.float64
+BATCH = 8
+IN, HID, OUT = 12, 40, 3
+
+
+@pytest.fixture(autouse=True)
+def _float64() -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    yield
+    torch.set_default_dtype(old)
+
+
+class Spy:
+    """Counts the factored entries that reach ``mixed_forward``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.factored = 0
+        real = base.mixed_forward
+
+        def spy(objective: Any, x: Any) -> Any:
+            self.factored += sum(isinstance(t, factored.LinearFactors) for t in x)
+            return real(objective, x)
+
+        monkeypatch.setattr(base, "mixed_forward", spy)
+
+
+def classifier(seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HID), torch.nn.Tanh(),
+                               torch.nn.Linear(HID, HID), torch.nn.Tanh(),
+                               torch.nn.Linear(HID, OUT))
+
+
+def data(seed: int, shape: tuple[int, ...] = (BATCH, IN)) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen),
+            torch.randint(0, OUT, shape[:-1], generator=gen))
+
+
+LowerLoss = Callable[[Any, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+UpperLoss = Callable[[Any, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+
+
+def reweighting_lower(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """mean_i V(ℓ_i.detach()) ℓ_i, the reweighting benchmark's lower loss."""
+    logits = p.module(b[0])
+    losses = F.cross_entropy(logits.reshape(-1, OUT), b[1].reshape(-1), reduction="none")
+    w = p.meta.module(losses.detach().unsqueeze(1)).squeeze(1)
+    return (w * losses).mean()
+
+
+def plain_upper(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(p.classifier(b[0]).reshape(-1, OUT), b[1].reshape(-1))
+
+
+def default_meta() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1),
+                               torch.nn.Sigmoid())
+
+
+def run(method: zg.HypergradMethod, lower_loss: LowerLoss = reweighting_lower,
+        upper_loss: UpperLoss = plain_upper,
+        module_factory: Callable[[], torch.nn.Module] = classifier,
+        meta_factory: Callable[[], torch.nn.Module] = default_meta, steps: int = 3,
+        shape: tuple[int, ...] = (BATCH, IN)) -> list[torch.Tensor]:
+    """The upper parameters after ``steps`` meta-iterations."""
+    module, meta = module_factory(), meta_factory()
+    lower = zg.ImplicitProblem(
+        name="classifier", module=module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
+        train_data_loader=[data(2, shape), data(3, shape)], config=zg.Config(type=method),
+        training_step=lower_loss)
+    upper = zg.ImplicitProblem(
+        name="meta", module=meta, optimizer=torch.optim.SGD(meta.parameters(), lr=0.5),
+        train_data_loader=[data(4, shape)], training_step=upper_loss)
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower),
+                       zg.EngineConfig(train_iters=steps, summary=False, progress="off"))
+    engine.run()
+    return [p.detach().clone() for p in meta.parameters()]
+
+
+def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
+    den = sum(float(y.pow(2).sum()) for y in b) ** 0.5
+    return num / den
+
+
+def three_ways(monkeypatch: pytest.MonkeyPatch, forward: zg.HypergradMethod,
+               exact: zg.HypergradMethod, **kw: Any) -> int:
+    """Factored vs dense forward mode vs exact; returns how many factored entries were used."""
+    spy = Spy(monkeypatch)
+    out = run(forward, **kw)
+    used = spy.factored
+    monkeypatch.setattr(factored, "ENABLED", False)
+    dense = run(forward, **kw)
+    monkeypatch.setattr(factored, "ENABLED", True)
+    ref = run(exact, **kw)
+    start = [p.detach() for p in kw.get("meta_factory", default_meta)().parameters()]
+    assert rel(ref, start) > 1e-5  # the hypergradient moved the upper parameters
+    assert rel(out, dense) <= 1e-12
+    assert rel(out, ref) <= 1e-12
+    return used
+
+
+@pytest.mark.parametrize("method", ["darts", "darts-scaled", "sama-sgd"])
+def test_factored_equals_dense_and_exact(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    forward: zg.HypergradMethod
+    exact: zg.HypergradMethod
+    if method == "darts":
+        forward, exact = zg.Darts(mixed="forward"), zg.Darts(mixed="exact")
+    elif method == "darts-scaled":
+        forward, exact = zg.Darts(scale=0.3, mixed="forward"), zg.Darts(scale=0.3, mixed="exact")
+    else:
+        forward, exact = zg.SAMA(mixed="forward"), zg.SAMA(mixed="exact")
+    # the 12→40 and 40→40 weights are factored on each of the 3 meta-iterations (the 40→3
+    # one is formed: 8 rows · (40 + 3) ≥ 40 · 3, see worth_factoring)
+    assert three_ways(monkeypatch, forward, exact) == 2 * 3
+
+
+def test_weight_used_outside_linear_in_both_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """W also enters L_out (a penalty: the rest R of v_W) and L_in (a λ-weighted penalty on
+    W: its tangent must be the whole v_W, formed on that use) and a transposed use."""
+
+    def lower(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        w2 = p.module[2].weight
+        decay = p.meta.module[0].weight.sum()
+        return reweighting_lower(p, b) + 1e-2 * decay * (w2 * w2).sum()
+
+    def upper(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        net = p.classifier.module
+        h = net[1](net[0](b[0]))
+        h = F.linear(h, net[2].weight.t())  # W2ᵀ: an operation on W2, then F.linear
+        return plain_upper(p, b) + 0.1 * h.pow(2).mean() + 0.05 * net[2].weight.pow(2).sum()
+
+    used = three_ways(monkeypatch, zg.Darts(mixed="forward"), zg.Darts(mixed="exact"),
+                      lower_loss=lower, upper_loss=upper)
+    # W2 factored (with its rest); W0 is called twice (16 rows) and so formed
+    assert used == 1 * 3
+
+
+def test_upper_parameter_scaling_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """λ enters L_in through the classifier's input: the factored tangent x v_Wᵀ must carry
+    x's graph to λ."""
+    class Meta(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, IN))
+            self.w = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(),
+                                         torch.nn.Linear(6, 1), torch.nn.Sigmoid())
+
+    def lower(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = b[0] * p.meta.module.gain
+        # squared error: torch 2.13's reverse-over-forward through cross_entropy fails when
+        # the tangent depends on λ (an in-place op in log_softmax's tangent), factored or not
+        losses = (p.module(x) - F.one_hot(b[1], OUT)).pow(2).sum(1)
+        return (p.meta.module.w(losses.detach().unsqueeze(1)).squeeze(1) * losses).mean()
+
+    def meta() -> torch.nn.Module:
+        torch.manual_seed(7)
+        return Meta()
+
+    used = three_ways(monkeypatch, zg.Darts(mixed="forward"), zg.Darts(mixed="exact"),
+                      lower_loss=lower, meta_factory=meta)
+    assert used == 2 * 3
+
+
+def test_tied_weights_and_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One weight in two linear layers, inputs with a sequence dimension (rows = batch ×
+    length)."""
+
+    def tied() -> torch.nn.Module:
+        net = classifier()
+        extra = torch.nn.Linear(HID, HID)
+        extra.weight = net[2].weight  # tied: one parameter, two layers
+        return torch.nn.Sequential(net[0], net[1], net[2], net[3], extra, torch.nn.Tanh(),
+                                   net[4])
+
+    used = three_ways(monkeypatch, zg.Darts(mixed="forward"), zg.Darts(mixed="exact"),
+                      module_factory=tied, shape=(2, 3, IN))
+    assert used == 2 * 3
+
+
+def test_only_uniform_forward_methods_take_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAMA with Adam, CG, Neumann, exact and finite-difference modes see dense vectors (and
+    stay exact: their own tests); Darts / SAMA-SGD in forward mode take factors."""
+    theta = torch.nn.Parameter(torch.ones(3, 2))
+    module = torch.nn.Linear(2, 3)
+    obj = zg.InnerObjective([theta], [], lambda: theta.sum(), module=module)
+    assert zg.Darts(mixed="forward").accepts_factors(obj)
+    for method in (zg.Darts(mixed="exact"), zg.Darts(mixed="fd"), zg.CG(), zg.Neumann(),
+                   zg.Darts(mixed="auto")):  # auto: forward mode from 1M parameters only
+        assert not method.accepts_factors(obj), method
+    opt = torch.optim.Adam([theta], lr=0.1)
+    state: dict[str, Any] = {}
+    theta.grad = torch.ones_like(theta)
+    zg.SAMA().before_optimizer_step(opt, [theta], state)
+    adam = zg.InnerObjective([theta], [], lambda: theta.sum(), module=module, optimizer=opt,
+                             state=state)
+    assert not zg.SAMA(mixed="forward").accepts_factors(adam)
+    monkeypatch.setattr(factored, "ENABLED", False)
+    assert not zg.Darts(mixed="forward").accepts_factors(obj)
+
+
+def test_factored_entry_forms_the_matrix_when_factors_are_larger() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.zeros(5, 4)
+    rest = torch.randn(5, 4, generator=gen)
+    small = (torch.randn(1, 4, generator=gen), torch.randn(1, 5, generator=gen))
+    big = (torch.randn(3, 4, generator=gen), torch.randn(3, 5, generator=gen))
+    kept = factored.factored_entry(rest, weight, small)  # 1·(4+5) < 20
+    formed = factored.factored_entry(rest, weight, big)  # 3·(4+5) ≥ 20
+    assert isinstance(kept, factored.LinearFactors)
+    assert isinstance(formed, torch.Tensor)
+    for (x, d), entry in ((small, kept.dense()), (big, formed)):
+        assert torch.allclose(entry, d.t() @ x + rest, rtol=0, atol=1e-14)
+    probe = torch.randn(2, 7, 4, generator=gen)
+    assert torch.allclose(kept.right_product(probe), probe @ kept.dense().t(), rtol=0,
+                          atol=1e-13)
+
+
+def test_differentiating_a_captured_weight_inside_the_upper_step_is_refused() -> None:
+    """A backward inside the upper training_step that reaches a stand-in raises a clear error
+    naming the switch (it would otherwise miss the linear layers silently)."""
+
+    def upper(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        loss = plain_upper(p, b)
+        if p.classifier.count > 0:
+            loss.backward(retain_graph=True)
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"factored\.ENABLED = False"):
+        run(zg.Darts(mixed="forward"), upper_loss=upper)
