@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -315,15 +316,33 @@ def test_wrong_vector_shape_is_reported() -> None:
         zg.CG()(obj, [torch.ones(4, dtype=DTYPE)])
 
 
-@pytest.mark.parametrize("block", [1, 5, 1 << 18])
+class _NoCompiler(Exception):
+    pass
+
+
+def _failing_kernel(*args: object) -> torch.Tensor:
+    raise _NoCompiler("no C++ compiler")
+
+
+@pytest.mark.parametrize("block", [1, 5, 1 << 18, "compiled", "compile-fails"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_sama_adam_product_by_blocks_equals_formula(
-        block: int, amsgrad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        block: int | str, amsgrad: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """P v computed block by block (any block size, a non-contiguous v, never-moved
-    coordinates with P = 0, amsgrad's older maxima) equals the documented formula to 1e-12."""
+    coordinates with P = 0, amsgrad's older maxima) or by the compiled kernel (or the eager
+    loop after a failed compile, with a warning) equals the documented formula to 1e-12."""
     from ziggurat.hypergrad import sama
 
-    monkeypatch.setattr(sama, "BLOCK", block)
+    if block == "compiled":
+        if amsgrad:
+            pytest.skip("amsgrad always takes the eager loop")
+        monkeypatch.setattr(sama, "COMPILE_MIN_ELEMENTS", 1)
+    elif block == "compile-fails":
+        monkeypatch.setattr(sama, "COMPILE_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(sama, "_compiled", {"kernel": _failing_kernel})
+    else:
+        monkeypatch.setattr(sama, "COMPILE", False)
+        monkeypatch.setattr(sama, "BLOCK", block)
     gen = torch.Generator().manual_seed(5)
     shape = (7, 3)  # 21 elements: not a multiple of 5
     lr, b1, b2, eps, t = 0.01, 0.8, 0.95, 1e-8, 4
@@ -342,7 +361,16 @@ def test_sama_adam_product_by_blocks_equals_formula(
         state["max_exp_avg_sq"] = second
     v = torch.randn(shape[::-1], generator=gen, dtype=DTYPE).t()  # non-contiguous
     step = sama.AdamStep(lr, b1, b2, eps, amsgrad, g)
-    out = sama.adam_preconditioned(v, step, state)
+    if block == "compile-fails" and not amsgrad:
+        with pytest.warns(RuntimeWarning, match="compiled Adam preconditioner failed"):
+            out = sama.adam_preconditioned(v, step, state)
+        assert sama._compiled["kernel"] is None  # not tried again in this process
+    elif block == "compiled":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+            out = sama.adam_preconditioned(v, step, state)
+    else:
+        out = sama.adam_preconditioned(v, step, state)
 
     sqrt_hat = (second / (1 - b2**t)).sqrt()
     second_term = (m / (1 - b1**t)) * (1 - b2) * g / ((1 - b2**t) * sqrt_hat)

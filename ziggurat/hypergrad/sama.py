@@ -25,6 +25,7 @@ Any other optimizer raises an error (never a silent zero or a silent SGD fallbac
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -100,9 +101,54 @@ def _adam_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tenso
                     bool(group.get("amsgrad", False)), grad)
 
 
-#: Elements per block of ``adam_preconditioned``: its temporaries (three blocks) stay in the
-#: CPU's cache, so each element of θ-sized memory is read once and written once.
+#: Elements per block of ``adam_preconditioned``'s eager loop on CPU: its temporaries (three
+#: blocks) stay in the cache, so each element of θ-sized memory is read once and written once.
 BLOCK = 1 << 18
+
+#: Tensors of at least this many elements get P v from one ``torch.compile``'d kernel (one
+#: pass over memory; compiled once per process, ~15 s on CPU), when ``COMPILE`` is True. A
+#: compile or run that fails warns once and leaves the eager loop for the rest of the process.
+COMPILE = True
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+def _adam_kernel(v: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: Tensor,
+                 ratio: Tensor, k1: Tensor, tiny: float) -> Tensor:
+    """P v elementwise (formula of ``adam_preconditioned``), for ``torch.compile``."""
+    s = torch.sqrt(second)
+    d = s + r_eps
+    num = s * d + ratio * (m * g)
+    den = (s * d * d).clamp_min(tiny)
+    return num * v / den * k1
+
+
+_compiled: dict[str, Any] = {}
+
+
+def _compiled_kernel() -> Any | None:
+    """The compiled kernel, or None once compiling has failed in this process."""
+    if "kernel" not in _compiled:
+        _compiled["kernel"] = torch.compile(_adam_kernel, dynamic=True)
+    return _compiled["kernel"]
+
+
+def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: float,
+                      ratio: float, k1: float) -> Tensor | None:
+    kernel = _compiled_kernel()
+    if kernel is None:
+        return None
+    scalars = [torch.tensor(x, dtype=vf.dtype, device=vf.device) for x in (r_eps, ratio, k1)]
+    try:
+        out: Tensor = kernel(vf, m, second, g, *scalars, torch.finfo(vf.dtype).tiny)
+        return out
+    except Exception as err:  # no compiler, an unsupported device...: the eager loop
+        _compiled["kernel"] = None
+        warnings.warn(
+            f"SAMA: the compiled Adam preconditioner failed ({type(err).__name__}: "
+            f"{str(err)[:200]}); using the eager one from now on (set "
+            f"ziggurat.hypergrad.sama.COMPILE = False to skip the attempt).",
+            RuntimeWarning, stacklevel=3)
+        return None
 
 
 def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Tensor:
@@ -113,9 +159,10 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Ten
 
         P = k [(1−β₁) s D − (1−β₂) m g] / (s D²),
 
-    computed block by block (``BLOCK`` elements) into buffers reused across blocks: nine
-    elementwise operations per element that stay in cache, instead of sixteen passes over
-    θ-sized temporaries (benchmarks/README.md, "SAMA with Adam"). Where the second moment is
+    computed by one compiled kernel for large tensors (``COMPILE_MIN_ELEMENTS``), else block
+    by block (``BLOCK`` elements) into buffers reused across blocks: nine elementwise
+    operations per element that stay in cache, instead of sixteen passes over θ-sized
+    temporaries (benchmarks/README.md, "SAMA with Adam"). Where the second moment is
     exactly zero (L_in has never moved that coordinate) m g = 0 too, and P = 0 there, not
     Adam's degenerate η(1−β₁)/((1−β₁ᵗ)ε) at g = 0, which would dwarf every other entry of P v.
     (The denominator is floored at the dtype's smallest normal number: it only matters there.)
@@ -131,9 +178,14 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Ten
     older = (_flat(state["max_exp_avg_sq"]) != _flat(state["exp_avg_sq"])
              if step.amsgrad else None)
     vf, m, second, g = flat
-    out = torch.empty_like(vf)
     n = vf.numel()
-    size = max(1, min(BLOCK, n))
+    if COMPILE and older is None and n >= COMPILE_MIN_ELEMENTS:
+        fused = _compiled_product(vf, m, second, g, r * step.eps, ratio, k1)
+        if fused is not None:
+            return fused.view_as(v)
+    out = torch.empty_like(vf)
+    # on CPU in cache-sized blocks; elsewhere (no small shared cache to fit) in one
+    size = max(1, min(BLOCK, n) if vf.device.type == "cpu" else n)
     buf_s, buf_d, buf_n = (torch.empty(size, dtype=vf.dtype, device=vf.device) for _ in range(3))
     tiny = torch.finfo(vf.dtype).tiny
     for i in range(0, n, size):
