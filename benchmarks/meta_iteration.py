@@ -181,7 +181,8 @@ def higher_iteration(w: Workload, method: str) -> Callable[[], None] | None:
 
 # --------------------------------------------------------------------------- TorchOpt 0.7.3
 def torchopt_iteration(w: Workload, method: str, meta_optimizer: MetaOptimizer = meta_adam,
-                       cg_damping: float = 0.0) -> Callable[[], None] | None:
+                       cg_damping: float = 0.0,
+                       darts: str = "metasgd") -> Callable[[], None] | None:
     """TorchOpt's programs for the rows it can express (None for sama-*, which it has no
     method for).
 
@@ -196,10 +197,12 @@ def torchopt_iteration(w: Workload, method: str, meta_optimizer: MetaOptimizer =
     products). ``cg_damping`` δ solves with H + δI on both sides. The decorated "solver" is
     the real lower step (SGD with momentum) and returns θ after it.
 
-    darts: one unrolled ``torchopt.MetaSGD`` step (lr 0.1, momentum 0.9) on a copy of the
-    classifier, the upper loss's gradient through it to λ (−lr · ∂²_{λθ} L_in(θ) · v with v
-    at θ after the step), then the step kept with ``torchopt.stop_gradient``: the program
-    higher's darts row runs, not ziggurat's identity approximation at θ after the step.
+    darts="metasgd" (the default): one unrolled ``torchopt.MetaSGD`` step (lr 0.1, momentum
+    0.9) on a copy of the classifier, the upper loss's gradient through it to λ
+    (−lr · ∂²_{λθ} L_in(θ) · v with v at θ after the step), then the step kept with
+    ``torchopt.stop_gradient``: the program higher's darts row runs, not ziggurat's identity
+    approximation at θ after the step. darts="implicit": ``custom_root`` with
+    ``solve_inv(ns=True, maxiter=0)`` (x = v), which is ziggurat's Darts exactly.
     """
     torchopt = optional("torchopt")
     if torchopt is None:
@@ -208,9 +211,11 @@ def torchopt_iteration(w: Workload, method: str, meta_optimizer: MetaOptimizer =
     # TorchOpt 0.7.3 calls functorch.vjp, which warns on every torch >= 2.0
     warnings.filterwarnings("ignore", "We've integrated functorch", FutureWarning)
     name, _, k = method.partition("-")
-    if name == "darts":
+    if name == "darts" and darts == "metasgd":
         return _torchopt_unrolled(torchopt, w, meta_optimizer)
-    if name == "cg":
+    if name == "darts":
+        solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=0)
+    elif name == "cg":
         solve = torchopt.linear_solve.solve_cg(maxiter=int(k), rtol=0.0, atol=0.0,
                                                ridge=cg_damping or None)
     elif name == "neumann":
@@ -302,7 +307,7 @@ def _double(w: Workload) -> Workload:
 
 
 def check_torchopt(method: str, hidden: int = 16, seed: int = 0,
-                   cg_damping: float = 0.0) -> float:
+                   cg_damping: float = 0.0, darts: str = "metasgd") -> float:
     """‖g_TorchOpt − g_ziggurat‖ / ‖g_ziggurat‖ for the meta net's hypergradient g after one
     meta-iteration from the same float64 initial state (the upper optimizer is SGD with lr 1,
     so g is read from the change of λ).
@@ -313,7 +318,8 @@ def check_torchopt(method: str, hidden: int = 16, seed: int = 0,
     (ziggurat's breakdown guard otherwise stops where TorchOpt's CG goes on). darts:
     TorchOpt's one unrolled MetaSGD step against ziggurat's ``Darts(scale=lr)`` evaluated
     at θ before the step with v = ∇_θ L_out at θ after it (the one-step unrolled
-    hypergradient; ziggurat's darts row evaluates at θ after the step with scale 1)."""
+    hypergradient; ziggurat's darts row evaluates at θ after the step with scale 1). With
+    darts="implicit" (TorchOpt's identity solve), against ziggurat's darts row itself."""
     import ziggurat as zg
 
     def change(run: Callable[[Workload], Callable[[], None] | None]) -> list[torch.Tensor]:
@@ -324,8 +330,8 @@ def check_torchopt(method: str, hidden: int = 16, seed: int = 0,
         iteration()
         return [b - p.detach() for b, p in zip(before, w.meta.parameters())]
 
-    got = change(lambda w: torchopt_iteration(w, method, _unit_sgd, cg_damping))
-    if method == "darts":
+    got = change(lambda w: torchopt_iteration(w, method, _unit_sgd, cg_damping, darts))
+    if method == "darts" and darts == "metasgd":
         w = _double(workload(hidden, "cpu", seed))
         net = copy.deepcopy(w.classifier)
         opt = lower_optimizer("sgd", net.parameters())
@@ -350,8 +356,12 @@ def worker(args: argparse.Namespace) -> None:
     w = workload(SIZES[args.size] if args.hidden is None else args.hidden, args.device)
     plain = plain_step_fn(w, optimizer_kind(args.method))
     plain()  # the plain step's own optimizer state exists before the memory window
-    iteration = (ziggurat_iteration(w, args.method, args.mixed) if args.library == "ziggurat"
-                 else RUNNERS[args.library](w, args.method))  # type: ignore[operator]
+    if args.library == "ziggurat":
+        iteration = ziggurat_iteration(w, args.method, args.mixed)
+    elif args.library == "torchopt":
+        iteration = torchopt_iteration(w, args.method, darts=args.torchopt_darts)
+    else:
+        iteration = RUNNERS[args.library](w, args.method)  # type: ignore[operator]
     if iteration is None:
         print(json.dumps({"skipped": True}))
         return
@@ -373,7 +383,7 @@ def driver(args: argparse.Namespace) -> None:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
                        "--library", library, "--method", method, "--size", size,
                        "--repeats", str(args.repeats), "--device", args.device,
-                       "--mixed", args.mixed]
+                       "--mixed", args.mixed, "--torchopt-darts", args.torchopt_darts]
                 if args.hidden is not None:
                     cmd += ["--hidden", str(args.hidden)]
                 if args.threads:
@@ -435,6 +445,10 @@ def check(methods: list[str]) -> None:
         error = check_torchopt(method, cg_damping=damping)
         note = f" (both with damping {damping})" if damping else ""
         print(f"{method:10s} relative difference TorchOpt vs ziggurat: {error:.1e}{note}")
+        if method == "darts":
+            error = check_torchopt(method, darts="implicit")
+            print(f"{'darts':10s} relative difference TorchOpt (--torchopt-darts implicit) vs "
+                  f"ziggurat: {error:.1e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -452,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed", default="auto", choices=("auto", "exact", "forward", "fd"),
                         help="ziggurat's mixed-product mode (exact: the 0.1.0 default)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--torchopt-darts", default="metasgd", choices=("metasgd", "implicit"),
+                        help="TorchOpt's darts program: one unrolled MetaSGD step, or "
+                             "custom_root with the identity solve (ziggurat's quantity)")
     parser.add_argument("--check", action="store_true",
                         help="compare TorchOpt's hypergradients with ziggurat's (float64, "
                              "hidden 16) for --methods instead of timing")

@@ -65,7 +65,8 @@ def _torchopt_or_skip() -> None:
 def test_torchopt_hypergradients_equal_ziggurats() -> None:
     """TorchOpt's programs in meta_iteration.py compute ziggurat's quantity (float64, hidden
     16): the implicit cg / neumann rows against ziggurat's Engine with the same method, the
-    unrolled MetaSGD darts row against ziggurat's Darts(scale=lr) at θ before the step."""
+    unrolled MetaSGD darts row against ziggurat's Darts(scale=lr) at θ before the step, the
+    identity-solve darts program (--torchopt-darts implicit) against ziggurat's darts row."""
     _torchopt_or_skip()
     import meta_iteration
 
@@ -76,6 +77,7 @@ def test_torchopt_hypergradients_equal_ziggurats() -> None:
     assert meta_iteration.check_torchopt("cg-3", cg_damping=1.0) < 1e-12
     assert meta_iteration.check_torchopt("cg-3") > 0.1
     assert meta_iteration.check_torchopt("darts") < 1e-10
+    assert meta_iteration.check_torchopt("darts", darts="implicit") < 1e-12
     assert meta_iteration.torchopt_iteration(meta_iteration.workload(16, "cpu"),
                                              "sama-adam") is None
 
