@@ -193,8 +193,9 @@ def torchopt_iteration(w: Workload, method: str, meta_optimizer: MetaOptimizer =
     the same quantity as ziggurat's CG(k) / Neumann(k, α = 0.1), except that ziggurat's CG
     stops moving at the first search direction of non-positive curvature (its breakdown
     guard) and TorchOpt's takes the step: on this workload H is indefinite and the second
-    direction has pᵀHp < 0, so cg-k for k ≥ 2 differs in value (not in cost: both take k
-    products). ``cg_damping`` δ solves with H + δI on both sides. The decorated "solver" is
+    direction has pᵀHp < 0, so cg-k for k ≥ 2 differs in value (ziggurat still takes its k
+    products; TorchOpt takes k + 1, one for the first residual at x₀ = 0). ``cg_damping`` δ
+    solves with H + δI on both sides. The decorated "solver" is
     the real lower step (SGD with momentum) and returns θ after it.
 
     darts="metasgd" (the default): one unrolled ``torchopt.MetaSGD`` step (lr 0.1, momentum
