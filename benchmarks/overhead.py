@@ -7,7 +7,7 @@ mixed product (v = ∇_θ L_val, then −∂²_{λθ} L_in · v by double backwa
 
 One outer iteration (100 lower steps and one upper step) is timed for ziggurat, for a
 hand-written PyTorch loop doing the same arithmetic (same optimizers, same autograd calls),
-and for Betty 0.2.1 when installed; median of --repeats, timed in alternation.
+for Betty 0.2.1 and TorchOpt 0.7.3 when installed; median of --repeats, timed in alternation.
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --quick
@@ -148,6 +148,58 @@ def betty_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | None:
     return outer_iteration
 
 
+def torchopt_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | None:
+    """TorchOpt 0.7.3: the lower loop (the same SGD steps as the hand-written one) as the
+    solver of ``torchopt.diff.implicit.custom_root`` on F(θ, λ) = ∇_θ L_in = 0, with the
+    linear solve ``solve_inv(ns=True, maxiter=0)`` (the Neumann series' first term, x = v:
+    Darts' identity approximation), so λ's gradient is −∂²_{λθ} L_in · v at θ after the
+    loop, as in the other loops. TorchOpt also linearizes F in θ for the solve's matvec,
+    which the identity solve never calls: one gradient evaluation per upper step more."""
+    torchopt = optional("torchopt")
+    if torchopt is None:
+        print(skip_message("torchopt"), file=sys.stderr)
+        return None
+    import warnings
+
+    from torch.func import functional_call, grad
+
+    # TorchOpt 0.7.3 calls functorch.vjp, which warns on every torch >= 2.0
+    warnings.filterwarnings("ignore", "We've integrated functorch", FutureWarning)
+    model, decay = models(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta_opt = torch.optim.Adam(decay.parameters(), lr=0.01)
+    params, lam = tuple(model.parameters()), tuple(decay.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def objective(params: tuple[torch.Tensor, ...], lam: tuple[torch.Tensor, ...],
+                  x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        theta = dict(zip(names, params))
+        return (F.binary_cross_entropy_with_logits(functional_call(model, theta, (x,)), y)
+                + functional_call(decay, {"log_decay": lam[0]}, (theta["weight"],)))
+
+    @torchopt.diff.implicit.custom_root(grad(objective, argnums=0), argnums=1,
+                                        solve=torchopt.linear_solve.solve_inv(ns=True,
+                                                                              maxiter=0))
+    def lower_loop(params: tuple[torch.Tensor, ...], lam: tuple[torch.Tensor, ...],
+                   x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():  # custom_root runs this inside an autograd.Function
+            for _ in range(unroll):
+                grads = torch.autograd.grad(inner_loss(model, decay, x, y), params)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+        return tuple(p.detach() for p in params)
+
+    def outer_iteration() -> None:
+        theta = lower_loop(params, lam, d.x, d.y)
+        meta_opt.zero_grad(set_to_none=True)
+        logits = functional_call(model, dict(zip(names, theta)), (d.xv,))
+        F.binary_cross_entropy_with_logits(logits, d.yv).backward()
+        meta_opt.step()
+
+    return outer_iteration
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     if betty is not None:
         labels.append("betty 0.2.1")
         fns.append(betty)
+    torchopt = torchopt_loop(d, args.device, args.unroll)
+    if torchopt is not None:
+        labels.append("torchopt 0.7.3")
+        fns.append(torchopt)
     rounds = interleaved_times(fns, args.repeats, args.device, warmup=2)
     times = [statistics.median(t) for t in rounds]
     ratios = median_ratios(rounds)

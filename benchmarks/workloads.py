@@ -38,9 +38,11 @@ def optional(module: str) -> ModuleType | None:
 
 MISSING: dict[str, str] = {}
 
+#: --no-deps keeps torch as it is; TorchOpt 0.7.3 imports optree and graphviz (the Python
+#: package, for torchopt.visual) at import time
 BENCH_INSTALL = (
-    'pip install --no-deps --ignore-requires-python betty-ml==0.2.1 higher==0.2.1 '
-    'torchopt==0.7.3 optree  (or: pip install -e ".[bench]" --ignore-requires-python)'
+    "pip install --no-deps --ignore-requires-python betty-ml==0.2.1 higher==0.2.1 "
+    "torchopt==0.7.3 optree graphviz"
 )
 
 

@@ -40,15 +40,77 @@ def test_a_missing_peer_is_skipped_with_the_install_command(
     import meta_iteration
     import overhead
 
-    monkeypatch.setitem(sys.modules, "betty", None)  # import betty now raises ImportError
-    meta_iteration.main(["--worker", "--library", "betty", "--method", "darts", "--hidden", "16",
-                         "--repeats", "1"])
-    out = capsys.readouterr()
-    assert json.loads(out.out.strip().splitlines()[-1]) == {"skipped": True}
-    assert "skipped betty" in out.err and "--ignore-requires-python" in out.err
+    for peer in ("betty", "torchopt"):
+        monkeypatch.setitem(sys.modules, peer, None)  # import <peer> now raises ImportError
+        meta_iteration.main(["--worker", "--library", peer, "--method", "darts", "--hidden",
+                             "16", "--repeats", "1"])
+        out = capsys.readouterr()
+        assert json.loads(out.out.strip().splitlines()[-1]) == {"skipped": True}
+        assert f"skipped {peer}" in out.err and "--ignore-requires-python" in out.err
+        assert "torchopt==0.7.3 optree graphviz" in out.err
     overhead.main(["--quick"])
     out = capsys.readouterr()
-    assert "| ziggurat |" in out.out and "betty" not in out.out and "skipped betty" in out.err
+    assert "| ziggurat |" in out.out
+    for peer in ("betty", "torchopt"):
+        assert peer not in out.out and f"skipped {peer}" in out.err
+
+
+def _torchopt_or_skip() -> None:
+    from workloads import BENCH_INSTALL, optional
+
+    if optional("torchopt") is None:
+        pytest.skip(f"TorchOpt is not importable; install it with: {BENCH_INSTALL}")
+
+
+def test_torchopt_hypergradients_equal_ziggurats() -> None:
+    """TorchOpt's programs in meta_iteration.py compute ziggurat's quantity (float64, hidden
+    16): the implicit cg / neumann rows against ziggurat's Engine with the same method, the
+    unrolled MetaSGD darts row against ziggurat's Darts(scale=lr) at θ before the step, the
+    identity-solve darts program (--torchopt-darts implicit) against ziggurat's darts row."""
+    _torchopt_or_skip()
+    import meta_iteration
+
+    for method in ("cg-1", "neumann-3"):
+        assert meta_iteration.check_torchopt(method) < 1e-12, method
+    # beyond one iteration on this indefinite Hessian ziggurat's CG stops at the direction of
+    # negative curvature and TorchOpt's does not; with H + δI positive definite they agree
+    assert meta_iteration.check_torchopt("cg-3", cg_damping=1.0) < 1e-12
+    assert meta_iteration.check_torchopt("cg-3") > 0.1
+    assert meta_iteration.check_torchopt("darts") < 1e-10
+    assert meta_iteration.check_torchopt("darts", darts="implicit") < 1e-12
+    assert meta_iteration.torchopt_iteration(meta_iteration.workload(16, "cpu"),
+                                             "sama-adam") is None
+
+
+def test_torchopt_overhead_loop_does_the_hand_written_arithmetic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """overhead.py's TorchOpt loop (custom_root with the identity solve) gives the
+    hand-written loop's lower parameters and λ-gradient (float64, 10 lower steps)."""
+    _torchopt_or_skip()
+    import overhead
+
+    made: list[tuple[torch.nn.Linear, overhead.Decay]] = []
+    models = overhead.models
+
+    def models64(device: str) -> tuple[torch.nn.Linear, overhead.Decay]:
+        model, decay = models(device)
+        made.append((model.double(), decay.double()))
+        return made[-1]
+
+    monkeypatch.setattr(overhead, "models", models64)
+    d = overhead.Data("cpu")
+    d.x, d.y, d.xv, d.yv = d.x.double(), d.y.double(), d.xv.double(), d.yv.double()
+    hand, loop = overhead.hand_written(d, "cpu", 10), overhead.torchopt_loop(d, "cpu", 10)
+    assert loop is not None
+    hand()
+    loop()
+    (model_h, decay_h), (model_t, decay_t) = made
+    for a, b in zip(model_t.parameters(), model_h.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0.0)
+    g_h, g_t = decay_h.log_decay.grad, decay_t.log_decay.grad
+    assert g_h is not None and g_t is not None and float(g_h.norm()) > 1e-6
+    assert float((g_t - g_h).norm() / g_h.norm()) < 1e-12
 
 
 def test_accuracy_table_is_exact_where_the_method_is(capsys: pytest.CaptureFixture[str]) -> None:
