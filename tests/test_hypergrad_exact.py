@@ -395,3 +395,49 @@ def test_sama_adam_record_holds_the_gradient_not_a_copy() -> None:
     record = state["sama"]
     assert isinstance(record, dict)
     assert record[0]["grad"].data_ptr() == theta.grad.data_ptr()
+
+
+def _adam_reference(v: torch.Tensor, m: torch.Tensor, sq: torch.Tensor, g: torch.Tensor,
+                    lr: float, b1: float, b2: float, eps: float, t: int) -> torch.Tensor:
+    """The module docstring's P v in float64 from the (upcast) state; 0 where v_t = 0."""
+    v, m, sq, g = (x.double() for x in (v, m, sq, g))
+    sqrt_hat = (sq / (1 - b2**t)).sqrt()
+    second = (m / (1 - b1**t)) * (1 - b2) * g / ((1 - b2**t) * sqrt_hat)
+    jac = lr * ((1 - b1) / (1 - b1**t) * (sqrt_hat + eps) - second) / (sqrt_hat + eps) ** 2
+    return (jac.masked_fill(sq == 0, 0.0) * v)
+
+
+@pytest.mark.parametrize("dtype,path,tol", [
+    (torch.float32, "eager", 1e-5), (torch.float32, "compiled", 1e-5),
+    (torch.float16, "eager", 5e-3), (torch.bfloat16, "eager", 2e-2)])
+def test_sama_adam_product_tiny_gradients_and_half_precision(
+        dtype: torch.dtype, path: str, tol: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients from 1e-20 to 1 after one and five real Adam steps (the coordinates with
+    the largest P ≈ η/ε are the tiny ones), and half-precision state: P v within rounding of
+    the float64 formula (no floor on an underflowing denominator)."""
+    from ziggurat.hypergrad import sama
+
+    if path == "eager":
+        monkeypatch.setattr(sama, "COMPILE", False)
+    else:
+        monkeypatch.setattr(sama, "COMPILE_MIN_ELEMENTS", 1)
+    gen = torch.Generator().manual_seed(3)
+    n = 400
+    scales = 10.0 ** -torch.randint(0, 21, (n,), generator=gen).double()
+    if dtype is torch.float16:  # fp16 cannot hold Adam's moments of tiny gradients
+        scales = 10.0 ** -torch.randint(0, 3, (n,), generator=gen).double()
+    theta = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8 if dtype is not torch.float16 else 1e-4
+    opt = torch.optim.Adam([theta], lr=lr, betas=(b1, b2), eps=eps)
+    for t in range(1, 6):
+        g = (torch.randn(n, generator=gen, dtype=torch.float64) * scales).to(dtype)
+        theta.grad = g
+        opt.step()
+        if t in (1, 5):
+            st = opt.state[theta]
+            v = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+            step = sama.AdamStep(lr, b1, b2, eps, False, g)
+            out = sama.adam_preconditioned(v, step, st)
+            ref = _adam_reference(v, st["exp_avg"], st["exp_avg_sq"], g, lr, b1, b2, eps, t)
+            assert out.dtype == dtype
+            assert rel_err(out.double(), ref) <= tol, (t, rel_err(out.double(), ref))

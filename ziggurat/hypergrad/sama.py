@@ -117,9 +117,9 @@ def _adam_kernel(v: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: Tensor,
     """P v elementwise (formula of ``adam_preconditioned``), for ``torch.compile``."""
     s = torch.sqrt(second)
     d = s + r_eps
-    num = s * d + ratio * (m * g)
-    den = (s * d * d).clamp_min(tiny)
-    return num * v / den * k1
+    s_floor = s.clamp_min(tiny)
+    q = (m / s_floor) * (g / d)
+    return v * (s / s_floor) * (1 + ratio * q) / d * k1
 
 
 _compiled: dict[str, Any] = {}
@@ -154,56 +154,59 @@ def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: f
 def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Tensor:
     """P v with P = ∂u/∂g (elementwise) of the last Adam step, from its state after the step.
 
-    With s = √v_t, r = √(1−β₂ᵗ), D = s + rε (so √v̂ + ε = D/r) and k = η r/(1−β₁ᵗ), the
-    formula of the module docstring simplifies to
+    With s = √v_t, r = √(1−β₂ᵗ), D = s + rε (so √v̂ + ε = D/r) and k = η r (1−β₁)/(1−β₁ᵗ),
+    the formula of the module docstring becomes
 
-        P = k [(1−β₁) s D − (1−β₂) m g] / (s D²),
+        P = (k / D) · [1 − (1−β₂)/(1−β₁) · (m / s) · (g / D)],
 
-    computed by one compiled kernel for large tensors (``COMPILE_MIN_ELEMENTS``), else block
-    by block (``BLOCK`` elements) into buffers reused across blocks: nine elementwise
-    operations per element that stay in cache, instead of sixteen passes over θ-sized
-    temporaries (benchmarks/README.md, "SAMA with Adam"). Where the second moment is
-    exactly zero (L_in has never moved that coordinate) m g = 0 too, and P = 0 there, not
-    Adam's degenerate η(1−β₁)/((1−β₁ᵗ)ε) at g = 0, which would dwarf every other entry of P v.
-    (The denominator is floored at the dtype's smallest normal number: it only matters there.)
+    written so that nothing underflows for tiny gradients (m/s and g/D stay of order one
+    and g/ε), computed in float32 for half-precision tensors, by one compiled kernel for
+    large tensors (``COMPILE_MIN_ELEMENTS``), else block by block (``BLOCK`` elements)
+    into buffers reused across blocks, so that the temporaries stay in cache instead of
+    sixteen passes over θ-sized ones (benchmarks/README.md, "SAMA with Adam"). Where the
+    second moment is exactly zero (L_in has never moved that coordinate) P = 0 (a factor
+    s / max(s, tiny), which is 1 wherever s > 0: √ of the smallest subnormal exceeds the
+    smallest normal number), not Adam's degenerate η(1−β₁)/((1−β₁ᵗ)ε) at g = 0, which would
+    dwarf every other entry of P v.
     """
     t = float(state["step"])
     bc1 = 1.0 - step.beta1**t
     bc2 = 1.0 - step.beta2**t
     r = bc2**0.5
     k1 = step.lr * r / bc1 * (1.0 - step.beta1)
-    ratio = -(1.0 - step.beta2) / (1.0 - step.beta1)  # k·(−(1−β₂)) / k1
+    ratio = -(1.0 - step.beta2) / (1.0 - step.beta1)
     second_all = state["max_exp_avg_sq"] if step.amsgrad else state["exp_avg_sq"]
-    flat = [_flat(x) for x in (v, state["exp_avg"], second_all, step.grad)]
+    dtype = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+    vf, m, second, g = (_flat(x).to(dtype) for x in (v, state["exp_avg"], second_all,
+                                                     step.grad))
     older = (_flat(state["max_exp_avg_sq"]) != _flat(state["exp_avg_sq"])
              if step.amsgrad else None)
-    vf, m, second, g = flat
     n = vf.numel()
     if COMPILE and older is None and n >= COMPILE_MIN_ELEMENTS:
         fused = _compiled_product(vf, m, second, g, r * step.eps, ratio, k1)
         if fused is not None:
-            return fused.view_as(v)
+            return fused.view(v.shape).to(v.dtype)
     out = torch.empty_like(vf)
     # on CPU in cache-sized blocks; elsewhere (no small shared cache to fit) in one
     size = max(1, min(BLOCK, n) if vf.device.type == "cpu" else n)
-    buf_s, buf_d, buf_n = (torch.empty(size, dtype=vf.dtype, device=vf.device) for _ in range(3))
-    tiny = torch.finfo(vf.dtype).tiny
+    buf_s, buf_d, buf_f, buf_q = (torch.empty(size, dtype=dtype, device=vf.device)
+                                  for _ in range(4))
+    tiny = torch.finfo(dtype).tiny
     for i in range(0, n, size):
         j = min(i + size, n)
-        s, d, num = buf_s[: j - i], buf_d[: j - i], buf_n[: j - i]
+        s, d, floor, q = buf_s[: j - i], buf_d[: j - i], buf_f[: j - i], buf_q[: j - i]
         torch.sqrt(second[i:j], out=s)
         torch.add(s, r * step.eps, out=d)
-        torch.mul(s, d, out=num)
-        if older is None:
-            num.addcmul_(m[i:j], g[i:j], value=ratio)
-        else:  # the max branch: v̂ does not depend on g where the max is older
-            num.add_((m[i:j] * g[i:j]).masked_fill_(older[i:j], 0.0), alpha=ratio)
-        s.mul_(d).mul_(d).clamp_min_(tiny)
-        num.mul_(vf[i:j])
-        block = out[i:j]
-        torch.div(num, s, out=block)
-        block.mul_(k1)
-    return out.view_as(v)
+        torch.clamp_min(s, tiny, out=floor)
+        torch.div(m[i:j], floor, out=q)
+        q.mul_(g[i:j]).div_(d)  # (m/s)(g/D)
+        if older is not None:  # the max branch: v̂ does not depend on g where the max is older
+            q.masked_fill_(older[i:j], 0.0)
+        q.mul_(ratio).add_(1.0)
+        q.mul_(s.div_(floor))  # 0 where v_t = 0, else 1
+        q.mul_(vf[i:j]).div_(d)
+        torch.mul(q, k1, out=out[i:j])
+    return out.view(v.shape).to(v.dtype)
 
 
 def _flat(x: Tensor) -> Tensor:
