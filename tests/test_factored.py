@@ -240,15 +240,75 @@ def test_factored_entry_forms_the_matrix_when_factors_are_larger() -> None:
                           atol=1e-13)
 
 
-def test_differentiating_a_captured_weight_inside_the_upper_step_is_refused() -> None:
-    """A backward inside the upper training_step that reaches a stand-in raises a clear error
-    naming the switch (it would otherwise miss the linear layers silently)."""
+def _relu_inplace_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HID), torch.nn.ReLU(inplace=True),
+                               torch.nn.Linear(HID, HID), torch.nn.ReLU(inplace=True),
+                               torch.nn.Linear(HID, OUT))
 
-    def upper(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        loss = plain_upper(p, b)
-        if p.classifier.count > 0:
-            loss.backward(retain_graph=True)
-        return loss
 
-    with pytest.raises(RuntimeError, match=r"factored\.ENABLED = False"):
-        run(zg.Darts(mixed="forward"), upper_loss=upper)
+def _input_gradient_penalty(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x = b[0].clone().requires_grad_()
+    loss = F.cross_entropy(p.classifier(x), b[1])
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    return loss + 0.5 * gx.pow(2).sum()
+
+
+def _weight_gradient_penalty(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    loss = plain_upper(p, b)
+    (gw,) = torch.autograd.grad(loss, p.classifier.module[2].weight, create_graph=True)
+    return loss + 0.3 * gw.pow(2).sum()
+
+
+def _checkpointed(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    out = torch.utils.checkpoint.checkpoint(p.classifier.module, b[0], use_reentrant=False)
+    return F.cross_entropy(out, b[1])
+
+
+def _output_scaled_in_place(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    logits = p.classifier(b[0])
+    logits.mul_(2.0)  # in place on a captured layer's output
+    return F.cross_entropy(logits, b[1])
+
+
+@pytest.mark.parametrize("case,factored_entries", [
+    ("in-place ReLU after each linear layer", 2 * 3),
+    ("in-place op on a captured output", 2 * 3),
+    ("input-gradient penalty (double backward)", 2 * 3),
+    ("penalty on a gradient with respect to a lower weight", 2 * 3),
+    ("activation checkpointing (recomputed in the backward)", 0),
+])
+def test_what_user_code_does_around_captured_layers(
+        case: str, factored_entries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: each of these was silently wrong or crashed with an earlier capture
+    (a detached stand-in weight read by ∂L/∂y); the captured layer's backward is F.linear's
+    own except in the upper's single backward, and checkpointed regions are not captured."""
+    kw: dict[str, Any] = {
+        "in-place ReLU after each linear layer": {"module_factory": _relu_inplace_classifier},
+        "in-place op on a captured output": {"upper_loss": _output_scaled_in_place},
+        "input-gradient penalty (double backward)": {"upper_loss": _input_gradient_penalty},
+        "penalty on a gradient with respect to a lower weight": {
+            "upper_loss": _weight_gradient_penalty},
+        "activation checkpointing (recomputed in the backward)": {"upper_loss": _checkpointed},
+    }[case]
+    assert three_ways(monkeypatch, zg.Darts(mixed="forward"), zg.Darts(mixed="exact"),
+                      **kw) == factored_entries
+
+
+def test_compiled_lower_module_and_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch.compile'd lower module (read by both losses) and a vmap over it in the upper
+    loss: the factored path steps aside inside those transforms and the result stays exact."""
+
+    def compiled() -> torch.nn.Module:
+        return torch.compile(classifier(), backend="eager")  # type: ignore[return-value]
+
+    monkeypatch.setattr(base, "FORWARD_MODE_MIN_PARAMETERS", 0)  # "auto": forward mode
+    three_ways(monkeypatch, zg.Darts(mixed="auto"), zg.Darts(mixed="exact"),
+               module_factory=compiled)
+
+    def vmapped(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        logits = torch.vmap(p.classifier.module)(b[0].unsqueeze(1)).squeeze(1)
+        return F.cross_entropy(logits, b[1])
+
+    assert three_ways(monkeypatch, zg.Darts(mixed="forward"), zg.Darts(mixed="exact"),
+                      upper_loss=vmapped) == 0

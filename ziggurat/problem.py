@@ -663,7 +663,7 @@ class Problem:
     ) -> tuple[list[Tensor], dict[str, list[Any]]]:
         """∂L/∂θ_self (with its graph when ``create_graph``) and, for each problem this one
         reads, the vector ∂L/∂θ_read (always a constant), in one backward pass. With a
-        ``capture`` the same pass returns ∂L/∂y of the captured linear outputs, and those
+        ``capture`` the same pass records the captured linear layers' factors, and those
         weights' entries of v come as ``LinearFactors``."""
         if self._graph is None:
             self._graph_or_error()
@@ -677,10 +677,14 @@ class Problem:
         inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
             return [], {}
-        outputs = capture.outputs() if capture is not None else []
-        raw = torch.autograd.grad(loss, inputs + outputs, allow_unused=True,
-                                  create_graph=create_graph)
-        factors = capture.factors(raw[len(inputs):]) if capture is not None else {}
+        if capture is None:
+            raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+            factors = {}
+        else:
+            with capture.collect():
+                raw = torch.autograd.grad(loss, inputs, allow_unused=True,
+                                          create_graph=create_graph)
+            factors = capture.factors()
         grads = _dense(raw[:len(params)], params)
         vectors: dict[str, list[Any]] = {}
         offset = len(params)

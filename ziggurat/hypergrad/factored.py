@@ -12,10 +12,12 @@ products are a third of that backward's matrix products; see benchmarks/README.m
 Both halves are torch function modes, so they see every ``F.linear`` (``nn.Linear`` or a
 user's own call) and nothing else changes:
 
-* ``LinearCapture`` (during the upper loss): each ``F.linear`` on a watched W computes with a
-  detached stand-in of W, so autograd's backward to W skips it, and records (X_c, y_c); the
-  upper's backward then asks for ∂L_out/∂y_c beside its other gradients. R is what that
-  backward still returns for W (None when W has no other use). Exact by construction.
+* ``LinearCapture`` (during the upper loss): each ``F.linear`` on a watched W runs as a custom
+  autograd function whose backward, during the upper's own backward only, records
+  (X_c, Δ_c) and returns no gradient for W; R is what that backward still returns for W
+  (None when W has no other use). Exact by construction; any other backward (a user's
+  ``autograd.grad`` inside training_step, double backward, in-place ops on y_c) sees
+  F.linear's usual derivative.
 * ``FactoredTangents`` (during the dual evaluation of L_in): an ``F.linear`` on W's stand-in
   adds x v_Wᵀ to its output's tangent; any other operation on the stand-in gets W with the
   whole v_W as tangent, formed on first use. So every use of W in L_in sees v_W exactly.
@@ -23,7 +25,8 @@ user's own call) and nothing else changes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +39,6 @@ _LINEAR = torch.nn.functional.linear
 
 #: Set to False to turn the factored path off everywhere (upper backward forms every v_W).
 ENABLED = True
-
-_DIFFERENTIATED_STAND_IN = (
-    "a gradient with respect to the weight {key} of a linear layer was taken inside the "
-    "upper problem's training_step. While the upper loss is built, ziggurat computes the "
-    "linear layers of a lower problem whose method takes v in factors (Darts, SAMA with SGD, "
-    "forward mode) with stand-ins for their weights, so a gradient with respect to those "
-    "weights taken there would miss those layers. Set "
-    "ziggurat.hypergrad.factored.ENABLED = False for this program."
-)
 
 #: Operations that only read a tensor's metadata: a stand-in answers them as W would.
 _METADATA: frozenset[Any] = frozenset({
@@ -98,21 +92,65 @@ def worth_factoring(rows: int, shape: Sequence[int]) -> bool:
     return rows * (in_features + out_features) < in_features * out_features
 
 
-class LinearCapture(TorchFunctionMode):
-    """While active, records the ``F.linear`` calls of the upper loss on watched weights.
+def _transformed() -> bool:
+    """True inside torch.compile tracing or a torch.func transform (vmap, grad, jvp): the
+    factored path steps aside there (its custom autograd function and dual tensors are not
+    written for them), and the dense path handles those calls."""
+    return bool(torch.compiler.is_compiling()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
 
-    ``weights`` maps a key (e.g. (problem name, position)) to a weight. Each recorded call
-    computes with the weight's stand-in (``W.detach()`` that requires grad and is never
-    differentiated), so the outputs ``outputs()`` are what the backward must also return
-    the gradients of, and ``factors(...)`` builds v_W from them.
+
+def _saving_through_hooks() -> bool:
+    """True under saved-tensor hooks (non-reentrant activation checkpointing, offloading):
+    a checkpointed region is recomputed in the backward without this mode, so its calls
+    must be the plain F.linear ones in the first place."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+class _CapturedLinear(torch.autograd.Function):
+    """F.linear whose backward, while its capture is collecting, records (X rows, Δ rows)
+    and returns no weight gradient (the product Δᵀ X is never formed); at any other time
+    (a backward or ``autograd.grad`` inside the user's training_step, with or without
+    create_graph) it is F.linear's usual backward, differentiable again."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
+                capture: LinearCapture, key: Hashable) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.capture, ctx.key, ctx.has_bias = capture, key, bias is not None
+        return _LINEAR(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dy.matmul(weight) if need_x else None
+        rows = dy.reshape(-1, dy.shape[-1])
+        db = rows.sum(0) if need_b and ctx.has_bias else None
+        dw = None
+        if need_w:
+            x_rows = x.reshape(-1, x.shape[-1])
+            if ctx.capture.collecting:
+                ctx.capture.record(ctx.key, x_rows.detach(), rows.detach())
+            else:
+                dw = rows.t().mm(x_rows)
+        return dx, dw, db, None, None
+
+
+class LinearCapture(TorchFunctionMode):
+    """While active, routes the ``F.linear`` calls of the upper loss on watched weights
+    through ``_CapturedLinear``; the backward taken inside ``collect()`` then records their
+    factors instead of forming ∂L/∂W (``factors()``), and returns for W only the rest.
+
+    ``weights`` maps a key (e.g. (problem name, position)) to a weight.
     """
 
     def __init__(self, weights: Mapping[Hashable, Tensor]) -> None:
         super().__init__()
         self._keys = {id(w): k for k, w in weights.items() if w.dim() == 2}
-        self._weights = dict(weights)
-        self._stand_ins: dict[Hashable, Tensor] = {}
-        self._calls: list[tuple[Hashable, Tensor, Tensor]] = []  # (key, X rows, y)
+        self.collecting = False
+        self._parts: dict[Hashable, tuple[list[Tensor], list[Tensor]]] = {}
 
     def __torch_function__(self, func: Callable[..., Any], types: Iterable[type],
                            args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
@@ -121,36 +159,28 @@ class LinearCapture(TorchFunctionMode):
         if func is _LINEAR and torch.is_grad_enabled():
             x, weight, bias = _linear_arguments(args, kwargs)
             key = self._keys.get(id(weight)) if isinstance(weight, Tensor) else None
-            if key is not None and type(x) is Tensor and x.layout == torch.strided:
-                stand_in = self._stand_ins.get(key)
-                if stand_in is None:
-                    stand_in = weight.detach().requires_grad_()
-                    # the upper backward never reaches the stand-in (it is not among the
-                    # inputs asked for); anything that does differentiated the weight
-                    stand_in.register_hook(_refuse(key))
-                    self._stand_ins[key] = stand_in
-                y = func(x, stand_in, bias)
-                self._calls.append((key, x.detach().reshape(-1, x.shape[-1]), y))
-                return y
+            if (key is not None and type(x) is Tensor and x.layout == torch.strided
+                    and x.dim() >= 1 and not _transformed() and not _saving_through_hooks()):
+                return _CapturedLinear.apply(x, weight, bias, self, key)
         return func(*args, **kwargs)
 
-    def outputs(self) -> list[Tensor]:
-        """The recorded outputs, in call order (differentiate the loss with respect to them)."""
-        return [y for _, _, y in self._calls]
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """The backward taken in this block records factors (once: the upper's own)."""
+        self.collecting = True
+        try:
+            yield
+        finally:
+            self.collecting = False
 
-    def factors(self, output_grads: Sequence[Tensor | None]) -> dict[Hashable, tuple[
-        Tensor, Tensor
-    ]]:
-        """(X, Δ) per watched key, rows stacked over its calls; calls whose output the loss
-        does not use (gradient None) are left out, and so are keys with no call left."""
-        parts: dict[Hashable, tuple[list[Tensor], list[Tensor]]] = {}
-        for (key, rows, y), grad in zip(self._calls, output_grads):
-            if grad is None:
-                continue
-            xs, ds = parts.setdefault(key, ([], []))
-            xs.append(rows)
-            ds.append(grad.detach().reshape(-1, y.shape[-1]))
-        self._calls = []
+    def record(self, key: Hashable, x_rows: Tensor, grad_rows: Tensor) -> None:
+        xs, ds = self._parts.setdefault(key, ([], []))
+        xs.append(x_rows)
+        ds.append(grad_rows)
+
+    def factors(self) -> dict[Hashable, tuple[Tensor, Tensor]]:
+        """(X, Δ) per watched key, rows stacked over its calls that the loss used."""
+        parts, self._parts = self._parts, {}
         return {key: (xs[0] if len(xs) == 1 else torch.cat(xs),
                       ds[0] if len(ds) == 1 else torch.cat(ds))
                 for key, (xs, ds) in parts.items()}
@@ -184,7 +214,7 @@ class FactoredTangents(TorchFunctionMode):
                            args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
                            ) -> Any:
         kwargs = kwargs or {}
-        if func is _LINEAR:
+        if func is _LINEAR and not _transformed():
             x, weight, bias = _linear_arguments(args, kwargs)
             entry = self._entries.get(id(weight)) if isinstance(weight, Tensor) else None
             if entry is not None and not _holds_stand_in(x, self._entries) and not (
@@ -212,12 +242,6 @@ class FactoredTangents(TorchFunctionMode):
             _, primal, factors = self._entries[key]
             self._dense[key] = forward_ad.make_dual(primal, factors.dense().to(primal.dtype))
         return self._dense[key]
-
-
-def _refuse(key: Hashable) -> Callable[[Tensor], None]:
-    def hook(grad: Tensor) -> None:
-        raise RuntimeError(_DIFFERENTIATED_STAND_IN.format(key=key))
-    return hook
 
 
 def _linear_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
