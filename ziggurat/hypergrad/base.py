@@ -18,7 +18,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -301,8 +301,9 @@ def mixed_forward(objective: InnerObjective,
     exact and honours stop-gradients (a detached quantity has no tangent). Cost: about one
     forward pass with tangents (≈ a plain training step) plus the backward from the loss to
     λ. Entries of x given as ``LinearFactors`` enter through their factors (``factored``:
-    two thin products per ``F.linear`` instead of one with the whole matrix). Needs
-    ``objective.module``.
+    two thin products per ``F.linear`` instead of one with the whole matrix). A
+    ``torch.no_grad`` block of L_in carries no tangent (a constant, as in double backward).
+    Needs ``objective.module``.
     """
     if objective.module is None:
         raise HypergradientError(
@@ -321,8 +322,7 @@ def mixed_forward(objective: InnerObjective,
                 values.append(stand_in)
             else:
                 values.append(torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype)))
-        with use_parameters(objective.module, params, values), (
-                FactoredTangents(stand_ins) if stand_ins else nullcontext()):
+        with use_parameters(objective.module, params, values), FactoredTangents(stand_ins):
             loss = objective.loss()
         tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
     out = (torch.autograd.grad(tangent, upper, allow_unused=True)

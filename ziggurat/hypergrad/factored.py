@@ -203,7 +203,11 @@ class FactoredTangents(TorchFunctionMode):
     """During a dual evaluation of L_in, gives each factored weight its tangent v_W.
 
     ``stand_ins`` maps id(stand-in) to (stand-in, W's primal value, factors); the module
-    computes with the stand-in in place of W (``use_parameters``)."""
+    computes with the stand-in in place of W (``use_parameters``); it may be empty. Also,
+    under ``torch.no_grad`` an operation runs on the primal values and returns no tangent:
+    double backward treats such a block as a constant, and forward mode alone would not
+    (forward-mode AD ignores grad mode).
+    """
 
     def __init__(self, stand_ins: Mapping[int, tuple[Tensor, Tensor, LinearFactors]]) -> None:
         super().__init__()
@@ -214,7 +218,10 @@ class FactoredTangents(TorchFunctionMode):
                            args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
                            ) -> Any:
         kwargs = kwargs or {}
-        if func is _LINEAR and not _transformed():
+        if not torch.is_grad_enabled() and func not in _METADATA:
+            args, kwargs = _replace((args, kwargs), _primal)
+            return func(*args, **kwargs)
+        if func is _LINEAR and self._entries and not _transformed():
             x, weight, bias = _linear_arguments(args, kwargs)
             entry = self._entries.get(id(weight)) if isinstance(weight, Tensor) else None
             if entry is not None and not _holds_stand_in(x, self._entries) and not (
@@ -231,7 +238,8 @@ class FactoredTangents(TorchFunctionMode):
                 if b_tangent is not None:
                     tangent = tangent + b_tangent
                 return forward_ad.make_dual(y, tangent)
-        if func not in _METADATA and _holds_stand_in((args, kwargs), self._entries):
+        if (self._entries and func not in _METADATA
+                and _holds_stand_in((args, kwargs), self._entries)):
             args, kwargs = _replace((args, kwargs), self._dual)
         return func(*args, **kwargs)
 
@@ -242,6 +250,10 @@ class FactoredTangents(TorchFunctionMode):
             _, primal, factors = self._entries[key]
             self._dense[key] = forward_ad.make_dual(primal, factors.dense().to(primal.dtype))
         return self._dense[key]
+
+
+def _primal(t: Tensor) -> Tensor:
+    return forward_ad.unpack_dual(t).primal
 
 
 def _linear_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
