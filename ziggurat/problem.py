@@ -23,6 +23,7 @@ from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
 from .systems.distributed import Communicator
+from .trainable import TrainableParameters
 from .unrolled.reparam import use_parameters
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class Problem:
         self._initialized = False
         self._scaler: DynamicLossScaler | None = None
         self._unroll_batches: list[list[Any]] = []
+        self._trainable = TrainableParameters()  # the list of trainable_parameters()
         # what the step path needs, fixed when the problem joins a program (see attach)
         self._reads: list[tuple[str, Problem]] = []
         self._viewers: list[Problem] = []
@@ -177,8 +179,12 @@ class Problem:
         return self._graph
 
     def trainable_parameters(self) -> list[Tensor]:
-        """The parameters this problem optimizes (its module's, with requires_grad)."""
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The parameters this problem optimizes: its module's, with requires_grad, in
+        ``module.parameters()`` order (a new list at each call). The list is remembered and
+        checked by identity before each use: parameters or submodules added, deleted or
+        replaced (also temporarily, as ``torch.func.functional_call`` does) and toggled
+        ``requires_grad`` flags are seen at the next call (see ``ziggurat.trainable``)."""
+        return self._trainable.current(self.module)
 
     def parameters(self) -> list[Tensor]:
         """All of the module's parameters."""
@@ -193,11 +199,14 @@ class Problem:
         params = self.trainable_parameters()
         return use_parameters(self.module, params, [p.clone() for p in params])
 
-    def _others_view(self, clone: bool = False) -> ExitStack:
+    def _others_view(self, clone: bool = False) -> AbstractContextManager[Any]:
         """Every other problem as seen from this one's loss (``as_read`` of each; without
         ``clone`` only those whose ``as_read`` is overridden: the base one does nothing)."""
+        others = self._others.values() if clone or self._graph is None else self._viewers
+        if not others:
+            return nullcontext()
         stack = ExitStack()
-        for other in self._others.values() if clone or self._graph is None else self._viewers:
+        for other in others:
             stack.enter_context(other.as_read(clone))
         return stack
 
@@ -425,7 +434,12 @@ class Problem:
         if self.config is not self._planned_config:  # a config replaced after attach
             self._fix_config_plan()
         params = self.trainable_parameters()
-        own, vectors = self._accumulated_gradients(batches, params)
+        if self._plain_loss and self._scaler is None and len(batches) == 1:
+            # the common case: fp32, no view of another problem, one micro-batch
+            own, vectors = self._raw_gradients(
+                self._loss_of(self.training_step(batches[0]), record=True), params)
+        else:
+            own, vectors = self._accumulated_gradients(batches, params)
         if self._scaler is not None:
             finite = linalg.all_finite(own) and all(
                 linalg.all_finite(v) for v in vectors.values())
@@ -560,7 +574,7 @@ class Problem:
             loss = self._loss_of(self.training_step(batch), record=True)
         else:
             (loss,) = self._batch_losses([batch], record=True, mean=False)
-        self.last_loss = _mean_loss((loss,))
+        # (``last_loss`` is the detached loss, widened to float32 from half precision)
         return self._raw_gradients(loss, params)
 
     def _step_scheduler(self) -> None:
@@ -607,7 +621,7 @@ class Problem:
         if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
             if record:
                 self.last_metrics = {}
-                self.last_loss = out.detach()
+                self.last_loss = _widened(out.detach())
             return out
         if isinstance(out, Mapping):
             if "loss" not in out:
@@ -630,9 +644,11 @@ class Problem:
                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
                 + "."
             )
+        if loss.dim() != 0:
+            loss = loss.reshape(())
         if record:
-            self.last_loss = loss.detach()
-        return loss if loss.dim() == 0 else loss.reshape(())
+            self.last_loss = _widened(loss.detach())
+        return loss
 
     def _raw_gradients(
         self, loss: Tensor, params: list[Tensor], create_graph: bool = False
@@ -664,7 +680,9 @@ class Problem:
                     f"'{name}', although l2u says it reads them; use self.{name}(...) in "
                     f"training_step without detaching, or remove the l2u edge."
                 )
-            vectors[name] = [torch.zeros_like(p) if g is None else g.detach().contiguous()
+            # (without create_graph autograd's results carry no graph: no detach needed)
+            vectors[name] = [torch.zeros_like(p) if g is None
+                             else (g.detach() if create_graph else g).contiguous()
                              for p, g in zip(ps, chunk)]
         return grads, vectors
 
@@ -681,8 +699,11 @@ class Problem:
                 upper = self if i == 1 else self._others[path[i - 1]]
                 vec = lower.best_response_vjp(vec, upper, key=path)
             torch._foreach_add_(hyper, vec)
-        self._hypergrad_norm = linalg.norm(hyper)  # kept as a tensor: no host sync here
-        if self.config.check_finite and not linalg.all_finite(hyper):
+        norm = self._hypergrad_norm = linalg.norm(hyper)  # a tensor: no host sync here
+        # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
+        # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
+        if (self.config.check_finite and not bool(torch.isfinite(norm))
+                and not linalg.all_finite(hyper)):
             bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
             raise HypergradientError(
                 f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
@@ -749,7 +770,11 @@ class ImplicitProblem(Problem):
         """L_in on the step's batch (the mean over its micro-batches), autocast off: the
         hypergradient arithmetic runs in the parameters' dtype."""
         batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
-        with full_precision(self.device), self._others_view():
+        device = self.device
+        # (autocast already off on the device: nothing to turn off, no context entered)
+        precision = (full_precision(device) if torch.is_autocast_enabled(device.type)
+                     else nullcontext())
+        with precision, self._others_view():
             losses = [self._loss_of(self.training_step(b)) for b in batches]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
