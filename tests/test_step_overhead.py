@@ -474,3 +474,32 @@ def test_fixed_randomness_replays_and_restores_the_random_state() -> None:
         raise RuntimeError("inside")
     assert torch.equal(torch.get_rng_state(), entry)  # restored when the block raises too
     assert torch.equal(torch.rand(4), first)  # the program's stream never advanced
+
+
+# --------------------------------------------------------------- other problems as attributes
+def test_other_problems_are_attributes_that_follow_the_program() -> None:
+    upper = Quad("upper", lowers=["lower"])
+    lower = Quad("lower", uppers=["upper"])
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower))
+    assert lower.upper is upper and upper.lower is lower
+    engine.set_dependency(zg.chain(upper, lower))  # rewiring: no clash with itself
+    assert lower.upper is upper
+    # the same problem in another program: the old names are gone, the new ones reached
+    alone = Quad("alone", lowers=["lower"])
+    zg.Engine([alone, lower], zg.chain(alone, lower))
+    assert lower.alone is alone
+    with pytest.raises(AttributeError, match=r"no attribute 'upper'; problems in the "
+                                             r"program: \['alone'\]"):
+        _ = lower.upper
+    assert "upper" not in lower.attribute_names() and "alone" not in lower.attribute_names()
+    assert "training_step" in lower.attribute_names()
+
+
+def test_an_attribute_the_user_sets_over_a_problem_name_shadows_it_and_then_clashes() -> None:
+    upper = Quad("upper", lowers=["lower"])
+    lower = Quad("lower", uppers=["upper"])
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower))
+    lower.upper = "mine"  # type: ignore[assignment]
+    assert lower.upper == "mine"
+    with pytest.raises(zg.GraphError, match="problem name 'upper' clashes"):
+        engine.set_dependency(zg.chain(upper, lower))

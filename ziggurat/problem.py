@@ -87,6 +87,7 @@ class Problem:
         self.method_state: dict[str, Any] = {"problem_name": name}
         self._hypergrad_norm: Tensor | None = None
         self._others: dict[str, Problem] = {}
+        self._reached: dict[str, Problem] = {}  # the others set as attributes (see attach)
         self._graph: ProgramGraph | None = None
         self._stream: BatchStream | None = None
         self._snapshot: Snapshot | None = None
@@ -139,6 +140,13 @@ class Problem:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def attribute_names(self) -> set[str]:
+        """``dir(self)`` without the other problems of its program (which ``attach`` sets
+        as attributes): the names another problem may not take."""
+        reached = self.__dict__.get("_reached", {})
+        return {a for a in dir(self)
+                if not (a in reached and self.__dict__.get(a) is reached[a])}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, type={self.method.name!r})"
@@ -315,9 +323,18 @@ class Problem:
         one reads, the other problems whose view (``as_read``) does something, and which of
         the step's hooks are overridden (on the class or the instance; a hook assigned
         after the problem joined an Engine is seen at the next ``set_dependency``, or when
-        ``config`` is replaced)."""
+        ``config`` is replaced).
+
+        The other problems become instance attributes (``self.<name>``), so that reaching
+        one in ``training_step`` is a plain lookup rather than a failed one followed by
+        ``__getattr__`` (which stays as the fallback); ``attribute_names`` leaves them out."""
+        for n, other in self._reached.items():  # set by an earlier attach
+            if self.__dict__.get(n) is other:
+                del self.__dict__[n]
         self._graph = graph
         self._others = {n: p for n, p in problems.items() if n != self.name}
+        self._reached = {n: p for n, p in self._others.items() if n not in self.__dict__}
+        self.__dict__.update(self._reached)
         self._reads = [(n, self._others[n]) for n in graph.reads[self.name]]
         self._viewers = [o for o in self._others.values() if _overrides(o, "as_read")]
         self._fix_config_plan()
