@@ -638,7 +638,8 @@ class Problem:
         if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
             if record:
                 self.last_metrics = {}
-                self.last_loss = _widened(out.detach())
+                loss = out.detach()  # (``_widened``, written out: it runs at every step)
+                self.last_loss = loss.float() if loss.dtype in _HALF else loss
             return out
         if isinstance(out, Mapping):
             if "loss" not in out:
@@ -852,6 +853,9 @@ def _mean_loss(losses: Sequence[Tensor]) -> Tensor:
     return torch.stack([_widened(x.detach()) for x in losses]).mean()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _widened(loss: Tensor) -> Tensor:
     """``loss`` in float32 when it is half precision, else itself."""
-    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+    return loss.float() if loss.dtype in _HALF else loss
