@@ -491,8 +491,8 @@ def test_other_problems_are_attributes_that_follow_the_program() -> None:
     with pytest.raises(AttributeError, match=r"no attribute 'upper'; problems in the "
                                              r"program: \['alone'\]"):
         _ = lower.upper
-    assert "upper" not in lower.attribute_names() and "alone" not in lower.attribute_names()
-    assert "training_step" in lower.attribute_names()
+    assert "upper" not in lower._attribute_names() and "alone" not in lower._attribute_names()
+    assert "training_step" in lower._attribute_names()
 
 
 def test_an_attribute_the_user_sets_over_a_problem_name_shadows_it_and_then_clashes() -> None:

@@ -77,7 +77,7 @@ class Engine:
         lookups the schedule needs (leaves, children, counter keys) are taken here, once,
         not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
-        reserved = ({attr for p in self.problems for attr in p.attribute_names()}
+        reserved = ({attr for p in self.problems for attr in p._attribute_names()}
                     | set(dir(self)) | {"graph"})
         graph = build_graph(self.problems, dependencies, reserved)
         _check_levels(self.problems, graph)

@@ -141,7 +141,7 @@ class Problem:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def attribute_names(self) -> set[str]:
+    def _attribute_names(self) -> set[str]:
         """``dir(self)`` without the other problems of its program (which ``attach`` sets
         as attributes): the names another problem may not take."""
         reached = self.__dict__.get("_reached", {})
@@ -327,7 +327,7 @@ class Problem:
 
         The other problems become instance attributes (``self.<name>``), so that reaching
         one in ``training_step`` is a plain lookup rather than a failed one followed by
-        ``__getattr__`` (which stays as the fallback); ``attribute_names`` leaves them out."""
+        ``__getattr__`` (which stays as the fallback); ``_attribute_names`` leaves them out."""
         for n, other in self._reached.items():  # set by an earlier attach
             if self.__dict__.get(n) is other:
                 del self.__dict__[n]
