@@ -101,6 +101,7 @@ class Problem:
         self._hooks: frozenset[str] = frozenset()
         self._prepares = False
         self._plain_loss = False
+        self._lean = False
         self._planned_config: Config | None = None
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
         self.comm: Communicator | None = None
@@ -347,6 +348,9 @@ class Problem:
         self._prepares = self._method_prepares()
         # fp32 and no view to enter: the loss is training_step's value, no context around it
         self._plain_loss = self.config.precision == "fp32" and not self._viewers
+        # ... and nothing else between the gradient and the optimizer: ``_step_on``'s lean path
+        self._lean = (self._plain_loss and self._scaler is None and not self._hooks
+                      and not self._prepares and self.config.gradient_clipping is None)
 
     def _method_prepares(self) -> bool:
         """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
@@ -451,8 +455,23 @@ class Problem:
         if self.config is not self._planned_config:  # a config replaced after attach
             self._fix_config_plan()
         params = self.trainable_parameters()
+        if self._lean and self.comm is None and len(batches) == 1:
+            # the common case, written out (it runs at every step): fp32, one micro-batch,
+            # no view of another problem, no hook, clipping or loss scaling
+            own, vectors = self._raw_gradients(
+                self._loss_of(self.training_step(batches[0]), record=True), params)
+            if vectors:
+                torch._foreach_add_(own, self._hypergradient(vectors, params))
+            for p, g in zip(params, own):
+                p.grad = g
+            self.custom_optimizer_step()
+            if self.scheduler is not None:
+                self._step_scheduler()
+            for p in params:
+                p.grad = None
+            self.count += 1
+            return
         if self._plain_loss and self._scaler is None and len(batches) == 1:
-            # the common case: fp32, no view of another problem, one micro-batch
             own, vectors = self._raw_gradients(
                 self._loss_of(self.training_step(batches[0]), record=True), params)
         else:
