@@ -76,7 +76,10 @@ class BatchStream:
             self._positions[i] += 1
             return batch
         except StopIteration:
-            pass
+            return self._next_pass(i)
+
+    def _next_pass(self, i: int) -> Any:
+        """The first batch of a new pass over loader i (the current one is exhausted)."""
         fresh = self._start_pass(i)
         try:
             batch = next(fresh)
@@ -127,11 +130,20 @@ class BatchStream:
 
     def next(self) -> Any:
         """The next batch (None when the problem has no data)."""
-        if not self.sources:
-            return None
-        if len(self.sources) == 1:
+        sources = self.sources
+        if len(sources) == 1:  # the common case, written out: it runs at every step
+            it = self._iterators[0]
+            if it is not None:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return self._next_pass(0)
+                self._positions[0] += 1
+                return batch
             return self._next_from(0)
-        return tuple(self._next_from(i) for i in range(len(self.sources)))
+        if not sources:
+            return None
+        return tuple(self._next_from(i) for i in range(len(sources)))
 
 
 def _set_epoch(source: object, epoch: int) -> None:

@@ -77,7 +77,8 @@ class Engine:
         lookups the schedule needs (leaves, children, counter keys) are taken here, once,
         not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
-        reserved = {attr for p in self.problems for attr in dir(p)} | set(dir(self)) | {"graph"}
+        reserved = ({attr for p in self.problems for attr in p._attribute_names()}
+                    | set(dir(self)) | {"graph"})
         graph = build_graph(self.problems, dependencies, reserved)
         _check_levels(self.problems, graph)
         self.graph: ProgramGraph = graph
@@ -96,36 +97,39 @@ class Engine:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{item}'")
 
     # ----------------------------------------------------------------- schedule
-    def _ready(self, name: str) -> bool:
-        pending = self._pending
-        return all(pending[key] >= lower.config.unroll_steps
-                   for key, lower in self._plan[name].waits)
-
-    def _step(self, name: str) -> None:
-        entry = self._plan[name]
-        problem = entry.problem
-        counted = problem.count >= problem.config.warmup_steps
-        if counted and not self._unroll_open[name]:
-            problem.start_unroll()
-            self._unroll_open[name] = True
-        problem.step()
-        if counted:
-            pending = self._pending
-            for key in entry.counts:
-                pending[key] += 1
-
     def train_step(self) -> list[str]:
-        """One iteration of the schedule; returns the names of the problems that stepped."""
+        """One iteration of the schedule; returns the names of the problems that stepped.
+
+        (Written out in one loop: it runs at every iteration, and on small models its
+        bookkeeping is a measurable part of the step.)"""
         stepped: list[str] = []
         finished: list[str] = []
         for name, entry in self._plan.items():
-            if entry.leaf or self._ready(name):
-                self._step(name)
-                stepped.append(name)
-                if not entry.leaf:
-                    for key, _ in entry.waits:
-                        self._pending[key] = 0
-                    finished.extend(entry.children)
+            if not entry.leaf:  # ready once each lower problem took its unroll_steps
+                pending = self._pending
+                ready = True
+                for key, lower in entry.waits:
+                    if pending[key] < lower.config.unroll_steps:
+                        ready = False
+                        break
+                if not ready:
+                    continue
+            problem = entry.problem
+            counted = problem.count >= problem.config.warmup_steps
+            if counted and not self._unroll_open[name]:
+                problem.start_unroll()
+                self._unroll_open[name] = True
+            problem.step()
+            if counted:
+                pending = self._pending
+                for key in entry.counts:
+                    pending[key] += 1
+            stepped.append(name)
+            if not entry.leaf:
+                pending = self._pending
+                for key, _ in entry.waits:
+                    pending[key] = 0
+                finished.extend(entry.children)
         if finished:
             for c in dict.fromkeys(finished):
                 self._by_name[c].end_unroll()

@@ -24,6 +24,7 @@ from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
 from .systems.distributed import Communicator
+from .trainable import TrainableParameters
 from .unrolled.reparam import use_parameters
 
 if TYPE_CHECKING:
@@ -87,18 +88,21 @@ class Problem:
         self.method_state: dict[str, Any] = {"problem_name": name}
         self._hypergrad_norm: Tensor | None = None
         self._others: dict[str, Problem] = {}
+        self._reached: dict[str, Problem] = {}  # the others set as attributes (see attach)
         self._graph: ProgramGraph | None = None
         self._stream: BatchStream | None = None
         self._snapshot: Snapshot | None = None
         self._initialized = False
         self._scaler: DynamicLossScaler | None = None
         self._unroll_batches: list[list[Any]] = []
+        self._trainable = TrainableParameters()  # the list of trainable_parameters()
         # what the step path needs, fixed when the problem joins a program (see attach)
         self._reads: list[tuple[str, Problem]] = []
         self._viewers: list[Problem] = []
         self._hooks: frozenset[str] = frozenset()
         self._prepares = False
         self._plain_loss = False
+        self._lean = False
         self._planned_config: Config | None = None
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
         self.comm: Communicator | None = None
@@ -139,6 +143,13 @@ class Problem:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def _attribute_names(self) -> set[str]:
+        """``dir(self)`` without the other problems of its program (which ``attach`` sets
+        as attributes): the names another problem may not take."""
+        reached = self.__dict__.get("_reached", {})
+        return {a for a in dir(self)
+                if not (a in reached and self.__dict__.get(a) is reached[a])}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self._name!r}, type={self.method.name!r})"
 
@@ -178,8 +189,12 @@ class Problem:
         return self._graph
 
     def trainable_parameters(self) -> list[Tensor]:
-        """The parameters this problem optimizes (its module's, with requires_grad)."""
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The parameters this problem optimizes: its module's, with requires_grad, in
+        ``module.parameters()`` order (a new list at each call). The list is remembered and
+        checked by identity before each use: parameters or submodules added, deleted or
+        replaced (also temporarily, as ``torch.func.functional_call`` does) and toggled
+        ``requires_grad`` flags are seen at the next call (see ``ziggurat.trainable``)."""
+        return self._trainable.current(self.module)
 
     def parameters(self) -> list[Tensor]:
         """All of the module's parameters."""
@@ -194,11 +209,14 @@ class Problem:
         params = self.trainable_parameters()
         return use_parameters(self.module, params, [p.clone() for p in params])
 
-    def _others_view(self, clone: bool = False) -> ExitStack:
+    def _others_view(self, clone: bool = False) -> AbstractContextManager[Any]:
         """Every other problem as seen from this one's loss (``as_read`` of each; without
         ``clone`` only those whose ``as_read`` is overridden: the base one does nothing)."""
+        others = self._others.values() if clone or self._graph is None else self._viewers
+        if not others:
+            return nullcontext()
         stack = ExitStack()
-        for other in self._others.values() if clone or self._graph is None else self._viewers:
+        for other in others:
             stack.enter_context(other.as_read(clone))
         return stack
 
@@ -307,9 +325,18 @@ class Problem:
         one reads, the other problems whose view (``as_read``) does something, and which of
         the step's hooks are overridden (on the class or the instance; a hook assigned
         after the problem joined an Engine is seen at the next ``set_dependency``, or when
-        ``config`` is replaced)."""
+        ``config`` is replaced).
+
+        The other problems become instance attributes (``self.<name>``), so that reaching
+        one in ``training_step`` is a plain lookup rather than a failed one followed by
+        ``__getattr__`` (which stays as the fallback); ``_attribute_names`` leaves them out."""
+        for n, other in self._reached.items():  # set by an earlier attach
+            if self.__dict__.get(n) is other:
+                del self.__dict__[n]
         self._graph = graph
         self._others = {n: p for n, p in problems.items() if n != self.name}
+        self._reached = {n: p for n, p in self._others.items() if n not in self.__dict__}
+        self.__dict__.update(self._reached)
         self._reads = [(n, self._others[n]) for n in graph.reads[self.name]]
         self._viewers = [o for o in self._others.values() if _overrides(o, "as_read")]
         self._fix_config_plan()
@@ -322,6 +349,9 @@ class Problem:
         self._prepares = self._method_prepares()
         # fp32 and no view to enter: the loss is training_step's value, no context around it
         self._plain_loss = self.config.precision == "fp32" and not self._viewers
+        # ... and nothing else between the gradient and the optimizer: ``_step_on``'s lean path
+        self._lean = (self._plain_loss and self._scaler is None and not self._hooks
+                      and not self._prepares and self.config.gradient_clipping is None)
 
     def _method_prepares(self) -> bool:
         """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
@@ -426,7 +456,29 @@ class Problem:
         if self.config is not self._planned_config:  # a config replaced after attach
             self._fix_config_plan()
         params = self.trainable_parameters()
-        own, vectors = self._accumulated_gradients(batches, params)
+        if self._lean and self.comm is None and len(batches) == 1:
+            # the common case, written out (it runs at every step): fp32, one micro-batch,
+            # no view of another problem, no hook, clipping or loss scaling (a problem that
+            # reads others may capture their linear layers: ``_single_batch_gradients``)
+            own, vectors = (self._single_batch_gradients(batches[0], params) if self._reads
+                            else self._raw_gradients(
+                                self._loss_of(self.training_step(batches[0]), record=True),
+                                params))
+            if vectors:
+                torch._foreach_add_(own, self._hypergradient(vectors, params))
+            for p, g in zip(params, own):
+                p.grad = g
+            self.custom_optimizer_step()
+            if self.scheduler is not None:
+                self._step_scheduler()
+            for p in params:
+                p.grad = None
+            self.count += 1
+            return
+        if self._plain_loss and self._scaler is None and len(batches) == 1:
+            own, vectors = self._single_batch_gradients(batches[0], params)
+        else:
+            own, vectors = self._accumulated_gradients(batches, params)
         if self._scaler is not None:
             finite = linalg.all_finite(own) and all(
                 linalg.all_finite(v) for v in vectors.values())
@@ -563,7 +615,7 @@ class Problem:
                 loss = self._loss_of(self.training_step(batch), record=True)
             else:
                 (loss,) = self._batch_losses([batch], record=True, mean=False)
-        self.last_loss = _mean_loss((loss,))
+        # (``last_loss`` is the detached loss, widened to float32 from half precision)
         return self._raw_gradients(loss, params, capture=capture)
 
     def _linear_capture(self, params: list[Tensor]) -> LinearCapture | None:
@@ -630,7 +682,8 @@ class Problem:
         if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
             if record:
                 self.last_metrics = {}
-                self.last_loss = out.detach()
+                loss = out.detach()  # (``_widened``, written out: it runs at every step)
+                self.last_loss = loss.float() if loss.dtype in _HALF else loss
             return out
         if isinstance(out, Mapping):
             if "loss" not in out:
@@ -653,9 +706,11 @@ class Problem:
                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
                 + "."
             )
+        if loss.dim() != 0:
+            loss = loss.reshape(())
         if record:
-            self.last_loss = loss.detach()
-        return loss if loss.dim() == 0 else loss.reshape(())
+            self.last_loss = _widened(loss.detach())
+        return loss
 
     def _raw_gradients(
         self, loss: Tensor, params: list[Tensor], create_graph: bool = False,
@@ -703,7 +758,9 @@ class Problem:
                     f"'{name}', although l2u says it reads them; use self.{name}(...) in "
                     f"training_step without detaching, or remove the l2u edge."
                 )
-            vectors[name] = [torch.zeros_like(p) if g is None else g.detach().contiguous()
+            # (without create_graph autograd's results carry no graph: no detach needed)
+            vectors[name] = [torch.zeros_like(p) if g is None
+                             else (g.detach() if create_graph else g).contiguous()
                              for p, g in zip(ps, chunk)]
         return grads, vectors
 
@@ -720,8 +777,11 @@ class Problem:
                 upper = self if i == 1 else self._others[path[i - 1]]
                 vec = lower.best_response_vjp(vec, upper, key=path)
             torch._foreach_add_(hyper, vec)
-        self._hypergrad_norm = linalg.norm(hyper)  # kept as a tensor: no host sync here
-        if self.config.check_finite and not linalg.all_finite(hyper):
+        norm = self._hypergrad_norm = linalg.norm(hyper)  # a tensor: no host sync here
+        # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
+        # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
+        if (self.config.check_finite and not bool(torch.isfinite(norm))
+                and not linalg.all_finite(hyper)):
             bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
             raise HypergradientError(
                 f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
@@ -796,7 +856,11 @@ class ImplicitProblem(Problem):
         """L_in on the step's batch (the mean over its micro-batches), autocast off: the
         hypergradient arithmetic runs in the parameters' dtype."""
         batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
-        with full_precision(self.device), self._others_view():
+        device = self.device
+        # (autocast already off on the device: nothing to turn off, no context entered)
+        precision = (full_precision(device) if torch.is_autocast_enabled(device.type)
+                     else nullcontext())
+        with precision, self._others_view():
             losses = [self._loss_of(self.training_step(b)) for b in batches]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
@@ -857,6 +921,9 @@ def _mean_loss(losses: Sequence[Tensor]) -> Tensor:
     return torch.stack([_widened(x.detach()) for x in losses]).mean()
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _widened(loss: Tensor) -> Tensor:
     """``loss`` in float32 when it is half precision, else itself."""
-    return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+    return loss.float() if loss.dtype in _HALF else loss

@@ -114,16 +114,20 @@ def fixed_randomness(tensors: Sequence[Tensor]) -> Iterator[Callable[[], None]]:
     the program's random stream.
     """
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        cpu = torch.get_rng_state()
-        cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    # (what torch.random.fork_rng does, with the states it saves also used by replay: one
+    # copy of each generator's state instead of two)
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
 
-        def replay() -> None:
-            torch.set_rng_state(cpu)
-            for d, s in zip(devices, cuda):
-                torch.cuda.set_rng_state(s, d)
+    def replay() -> None:
+        torch.set_rng_state(cpu)
+        for d, s in zip(devices, cuda):
+            torch.cuda.set_rng_state(s, d)
 
+    try:
         yield replay
+    finally:
+        replay()
 
 
 def _owned(out: Sequence[Tensor | None], params: Sequence[Tensor],
