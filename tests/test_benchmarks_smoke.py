@@ -131,3 +131,14 @@ def test_solver_products_reports_every_phase(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     for phase in solver_products.PHASES:
         assert phase in out
+
+
+def test_factored_ab_reports_both_sides(capsys: pytest.CaptureFixture[str]) -> None:
+    import factored_ab
+
+    from ziggurat.hypergrad import factored
+
+    factored_ab.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "factored" in out and "dense (ENABLED = False)" in out
+    assert factored.ENABLED  # switched back on after the dense side
