@@ -629,7 +629,7 @@ class Problem:
         for name, other in self._reads:
             if other.accepts_factored_vectors(self):
                 for index, w in enumerate(other.read_parameters()):
-                    if w.dim() == 2 and id(w) not in own:
+                    if id(w) not in own:  # (LinearCapture keeps the matrices)
                         weights[(name, index)] = w
         return LinearCapture(weights) if weights else None
 
@@ -732,36 +732,28 @@ class Problem:
         inputs = params + [p for ps in read_params for p in ps]
         if not inputs:
             return [], {}
-        if capture is None:
+        with capture.collect() if capture is not None else nullcontext():
             raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
-            factors = {}
-        else:
-            with capture.collect():
-                raw = torch.autograd.grad(loss, inputs, allow_unused=True,
-                                          create_graph=create_graph)
-            factors = capture.factors()
+        factors = capture.factors() if capture is not None else {}
         grads = _dense(raw[:len(params)], params)
         vectors: dict[str, list[Any]] = {}
         offset = len(params)
         for name, ps in zip(read, read_params):
             chunk = raw[offset:offset + len(ps)]
             offset += len(ps)
-            if factors and any((name, i) in factors for i in range(len(ps))):
-                vectors[name] = [
-                    factored_entry(g, p, factors[(name, i)]) if (name, i) in factors
-                    else torch.zeros_like(p) if g is None else g.detach().contiguous()
-                    for i, (p, g) in enumerate(zip(ps, chunk))]
-                continue
-            if all(g is None for g in chunk):
+            if all(g is None for g in chunk) and not any(
+                    (name, i) in factors for i in range(len(ps))):
                 raise HypergradientError(
                     f"the loss of problem '{self.name}' does not depend on the parameters of "
                     f"'{name}', although l2u says it reads them; use self.{name}(...) in "
                     f"training_step without detaching, or remove the l2u edge."
                 )
-            # (without create_graph autograd's results carry no graph: no detach needed)
-            vectors[name] = [torch.zeros_like(p) if g is None
+            # (without create_graph autograd's results carry no graph: no detach needed;
+            # a captured linear layer's entry is its factors and the rest R)
+            vectors[name] = [factored_entry(g, p, factors[(name, i)]) if (name, i) in factors
+                             else torch.zeros_like(p) if g is None
                              else (g.detach() if create_graph else g).contiguous()
-                             for p, g in zip(ps, chunk)]
+                             for i, (p, g) in enumerate(zip(ps, chunk))]
         return grads, vectors
 
     def _hypergradient(

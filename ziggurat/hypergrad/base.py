@@ -35,6 +35,8 @@ from .linalg import TensorList
 
 MixedMode = Literal["auto", "exact", "forward", "fd"]
 MIXED_MODES: tuple[str, ...] = ("auto", "exact", "forward", "fd")
+#: the call modes (``HypergradMethod._mode``) that take the mixed product in forward mode
+_FORWARD_MODES = ("forward", "auto-forward")
 
 
 class Reducer(Protocol):
@@ -403,7 +405,7 @@ class HypergradMethod(Method, ABC):
         (the upper problem then never forms them; see ``factored``)."""
         return (factored.ENABLED and objective.reduce is None
                 and self.uniform_scale(objective) is not None
-                and self._mode(objective) in ("forward", "auto-forward"))
+                and self._mode(objective) in _FORWARD_MODES)
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
@@ -455,7 +457,7 @@ class HypergradMethod(Method, ABC):
                     curvature.gradient()
                 objective.reduce.wait()
             scale = self.uniform_scale(objective)
-            if scale is None or mode not in ("forward", "auto-forward"):
+            if scale is None or mode not in _FORWARD_MODES:
                 v = densify(v)
             vec: list[Any] = [t if isinstance(t, LinearFactors) else t.detach() for t in v]
             if self.uses_hessian:

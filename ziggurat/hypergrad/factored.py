@@ -244,8 +244,11 @@ class FactoredTangents(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _dual(self, t: Tensor) -> Tensor:
-        """W with the whole v_W as tangent (formed once), for a use other than F.linear."""
+        """For a stand-in, W with the whole v_W as tangent (formed once), for a use other
+        than F.linear; any other tensor as it is."""
         key = id(t)
+        if key not in self._entries:
+            return t
         if key not in self._dense:
             _, primal, factors = self._entries[key]
             self._dense[key] = forward_ad.make_dual(primal, factors.dense().to(primal.dtype))
@@ -273,18 +276,14 @@ def _holds_stand_in(obj: Any, entries: Mapping[int, Any]) -> bool:
     return False
 
 
-def _replace(obj: Any, dual: Callable[[Tensor], Tensor]) -> Any:
-    """obj with every stand-in (by ``dual``'s table) swapped for its dual (lists, tuples,
-    dicts walked)."""
+def _replace(obj: Any, swap: Callable[[Tensor], Tensor]) -> Any:
+    """obj with every tensor t replaced by swap(t) (lists, tuples, dicts walked)."""
     if isinstance(obj, Tensor):
-        try:
-            return dual(obj)
-        except KeyError:
-            return obj
+        return swap(obj)
     if isinstance(obj, tuple):
-        return tuple(_replace(o, dual) for o in obj)
+        return tuple(_replace(o, swap) for o in obj)
     if isinstance(obj, list):
-        return [_replace(o, dual) for o in obj]
+        return [_replace(o, swap) for o in obj]
     if isinstance(obj, dict):
-        return {k: _replace(o, dual) for k, o in obj.items()}
+        return {k: _replace(o, swap) for k, o in obj.items()}
     return obj
