@@ -42,6 +42,7 @@ from workloads import (
     Workload,
     interleaved_medians,
     lower_optimizer,
+    optimizer_steps,
     optional,
     peak,
     plain_step_fn,
@@ -259,12 +260,7 @@ def _torchopt_implicit(torchopt: ModuleType, w: Workload, solve: Callable[..., o
     @torchopt.diff.implicit.custom_root(grad(objective, argnums=0), argnums=1, solve=solve)
     def lower_step(params: tuple[torch.Tensor, ...], meta_params: tuple[torch.Tensor, ...],
                    x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.enable_grad():  # custom_root runs this inside an autograd.Function
-            grads = torch.autograd.grad(objective(params, meta_params, x, y), params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        return tuple(p.detach() for p in params)
+        return optimizer_steps(lambda: objective(params, meta_params, x, y), params, opt)
 
     def iteration() -> None:
         theta = lower_step(params, meta_params, w.x, w.y)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from workloads import interleaved_times, median_ratios, optional, skip_message
+from workloads import interleaved_times, median_ratios, optimizer_steps, optional, skip_message
 
 FEATURES = 50
 SAMPLES = 256
@@ -182,13 +182,7 @@ def torchopt_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | Non
                                                                               maxiter=0))
     def lower_loop(params: tuple[torch.Tensor, ...], lam: tuple[torch.Tensor, ...],
                    x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.enable_grad():  # custom_root runs this inside an autograd.Function
-            for _ in range(unroll):
-                grads = torch.autograd.grad(inner_loss(model, decay, x, y), params)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                opt.step()
-        return tuple(p.detach() for p in params)
+        return optimizer_steps(lambda: inner_loss(model, decay, x, y), params, opt, unroll)
 
     def outer_iteration() -> None:
         theta = lower_loop(params, lam, d.x, d.y)

@@ -102,6 +102,20 @@ def weighted_loss(model: torch.nn.Module, meta: torch.nn.Module, x: torch.Tensor
     return (weights * losses).mean()
 
 
+def optimizer_steps(loss: Callable[[], torch.Tensor], params: tuple[torch.Tensor, ...],
+                    opt: torch.optim.Optimizer, steps: int = 1) -> tuple[torch.Tensor, ...]:
+    """``steps`` steps of ``opt`` on loss() (grad mode on: TorchOpt's ``custom_root`` runs
+    its solver inside an autograd.Function), returning the parameters detached: the lower
+    solver of the TorchOpt programs."""
+    with torch.enable_grad():
+        for _ in range(steps):
+            grads = torch.autograd.grad(loss(), params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+    return tuple(p.detach() for p in params)
+
+
 def plain_step_fn(w: Workload, kind: str) -> Callable[[], None]:
     """A plain training step of the classifier (its own optimizer of the same kind)."""
     opt = lower_optimizer(kind, w.classifier.parameters())
