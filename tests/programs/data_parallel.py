@@ -274,43 +274,39 @@ def fsdp_facts(rank: int, world: int) -> dict[str, Any]:
             "local": error(by_dtensor), "local_placements": sorted(placements)}
 
 
+def run_counting_all_reduces(engine: Any) -> int:
+    """Run the engine with a counting wrapper around the real ``dist.all_reduce``; the
+    number of calls it made."""
+    calls = [0]
+    real = dist.all_reduce
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting  # type: ignore[assignment]
+    try:
+        engine.run()
+    finally:
+        dist.all_reduce = real
+    return calls[0]
+
+
 def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
     kind, _, method = name.partition("-")
     if kind == "fsdp":
         return fsdp_facts(rank, world)
     if kind in ("equal", "zero"):
-        calls = [0]
-        real = dist.all_reduce
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            calls[0] += 1
-            return real(*args, **kwargs)
-
         ckpt: dict[str, Any] = {} if kind == "equal" else {
             "checkpoint_dir": str(out / f"{name}-ckpt"), "checkpoint_step": 10, "keep_last": 5}
         engine = build(method, strategy="ddp" if kind == "equal" else "zero", batch=B,
                        replicas=world, rank=rank, **ckpt)
-        dist.all_reduce = counting  # type: ignore[assignment]
-        try:
-            engine.run()
-        finally:
-            dist.all_reduce = real
-        return {**result(engine), "all_reduce": calls[0]}
+        calls = run_counting_all_reduces(engine)
+        return {**result(engine), "all_reduce": calls}
     if kind == "chain3":
-        calls = [0]
-        real = dist.all_reduce
-
-        def counting3(*args: Any, **kwargs: Any) -> Any:
-            calls[0] += 1
-            return real(*args, **kwargs)
-
         engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank)
-        dist.all_reduce = counting3  # type: ignore[assignment]
-        try:
-            engine.run()
-        finally:
-            dist.all_reduce = real
-        return {**result(engine), "all_reduce": calls[0]}
+        calls = run_counting_all_reduces(engine)
+        return {**result(engine), "all_reduce": calls}
     if kind == "systems":  # unroll 2 with roll-back, 2 micro-batches per step, CG
         engine = build("cg", strategy="ddp", batch=B, replicas=world, rank=rank, inner=SYSTEMS)
         engine.run()
