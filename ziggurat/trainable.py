@@ -48,13 +48,9 @@ _Entry = tuple[_Base, type, Mapping[str, Any], tuple[Any, ...], Mapping[str, Any
                tuple[Any, ...]]
 
 
-def walk(module: _Base) -> list[Tensor]:
-    """The module's parameters with ``requires_grad``, by walking the module tree."""
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 class TrainableParameters:
-    """``walk(module)``, remembered and re-taken only when the module tree has changed."""
+    """A module's parameters with ``requires_grad`` (in ``module.parameters()`` order),
+    remembered and walked again only when the module tree has changed."""
 
     def __init__(self) -> None:
         self._root: _Base | None = None
@@ -64,7 +60,7 @@ class TrainableParameters:
         self._trainable: list[Tensor] = []
 
     def current(self, module: _Base) -> list[Tensor]:
-        """``walk(module)`` now (a new list at each call)."""
+        """The module's trainable parameters now (a new list at each call)."""
         # (one method, no helper call: it runs at every step)
         if (module is not self._root or module is None
                 or not module.__dict__.keys().isdisjoint(_ROOT_WALK)):
