@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="8M")
-    parser.add_argument("--method", choices=["darts", "sama-sgd"], default="darts")
+    parser.add_argument("--method", default="darts",
+                        choices=["darts", "sama-sgd", "neumann-1", "neumann-3", "cg-1", "cg-3"])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a smoke check in seconds")

@@ -29,9 +29,11 @@ from ..errors import ConfigError, HypergradientError
 from ..registry import Family, Method
 from ..unrolled.reparam import use_parameters
 from ..validation import check_float
-from . import factored, linalg
+from . import factored, factored_hessian, linalg
 from .factored import FactoredTangents, LinearFactors, densify
+from .factored_hessian import HessianCapture
 from .linalg import TensorList
+from .lowrank import FactorSum
 
 MixedMode = Literal["auto", "exact", "forward", "fd"]
 MIXED_MODES: tuple[str, ...] = ("auto", "exact", "forward", "fd")
@@ -132,13 +134,18 @@ def fixed_randomness(tensors: Sequence[Tensor]) -> Iterator[Callable[[], None]]:
         replay()
 
 
-def _owned(out: Sequence[Tensor | None], params: Sequence[Tensor],
+def _owned(out: Sequence[Any], params: Sequence[Tensor],
            x: Sequence[Tensor]) -> TensorList:
     """Detached products, zeros for None; a copy where autograd handed back the vector x
-    itself (a pass-through path), so that callers can update products in place."""
-    return [torch.zeros_like(p) if o is None
-            else o.detach().clone() if o.data_ptr() == xi.data_ptr() else o.detach()
-            for o, p, xi in zip(out, params, x)]
+    itself (a pass-through path), so that callers can update products in place. A
+    ``FactorSum`` (factored products) is the caller's already."""
+    owned: list[Any] = [
+        torch.zeros_like(p) if o is None
+        else o if isinstance(o, FactorSum)
+        else o.detach().clone() if isinstance(xi, Tensor) and o.data_ptr() == xi.data_ptr()
+        else o.detach()
+        for o, p, xi in zip(out, params, x)]
+    return owned
 
 
 def _upper_part(objective: InnerObjective, out: Sequence[Tensor | None]) -> TensorList:
@@ -155,38 +162,81 @@ class Curvature:
     """Second-order products of L_in at the current point, sharing one graph of ∇_θ L_in.
 
     The graph of g = ∇_θ L_in (built with create_graph) is made on first use and reused by
-    every Hessian-vector product and by the exact mixed product.
+    every Hessian-vector product and by the exact mixed product. With ``factored`` (see
+    ``factored_hessian``) large linear layers' weights enter the graph through factored
+    nodes: products then return those entries as ``FactorSum`` and take them as such.
     """
 
-    def __init__(self, objective: InnerObjective) -> None:
+    def __init__(self, objective: InnerObjective, factored: bool = False) -> None:
         self.objective = objective
         self._grad: tuple[Tensor, ...] | None = None
+        capture = (HessianCapture(dict(enumerate(objective.params))) if factored else None)
+        self._capture = capture if capture is not None and capture.watching else None
+        self._factored: set[Hashable] = set()
+
+    @property
+    def factored(self) -> bool:
+        """Whether products may return (and take) ``FactorSum`` entries."""
+        return self._capture is not None
 
     def gradient(self) -> tuple[Tensor, ...]:
-        """g = ∇_θ L_in with its graph (built once)."""
+        """g = ∇_θ L_in with its graph (built once). Under ``factored`` the values of the
+        factored weights' entries are placeholders: only the graph is used."""
         if self._grad is None:
-            loss = self.objective.loss()
             params = list(self.objective.params)
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            capture = self._capture
+            if capture is None:
+                loss = self.objective.loss()
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            else:
+                with capture:
+                    loss = self.objective.loss()
+                with capture.building():
+                    grads = torch.autograd.grad(loss, params, create_graph=True,
+                                                allow_unused=True)
+                self._factored = capture.factored(
+                    {i: g for i, g in enumerate(grads) if g is not None})
             # unused θ_i: a zero that carries no graph (so H has a zero row and column there)
             self._grad = tuple(
                 torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)
             )
         return self._grad
 
-    def _product(self, inputs: Sequence[Tensor], x: Sequence[Tensor], retain: bool) -> list[
-        Tensor | None
-    ]:
+    def _product(self, inputs: Sequence[Tensor], x: Sequence[Tensor | FactorSum],
+                 retain: bool) -> list[Any]:
+        """The backward of <g, x> to ``inputs``: their gradients (None where unused); under
+        ``factored`` a θ entry that the factored nodes reached is a ``FactorSum``."""
         grad = self.gradient()
-        pairs = [(g, xi) for g, xi in zip(grad, x) if g.requires_grad]
-        if not pairs:
+        capture = self._capture
+        cotangents: dict[Hashable, FactorSum] = {}
+        outs: list[Tensor] = []
+        vecs: list[Tensor] = []
+        for i, (g, xi) in enumerate(zip(grad, x)):
+            if not g.requires_grad:
+                continue
+            if isinstance(xi, FactorSum):
+                if i in self._factored:  # handed to the factored nodes directly
+                    cotangents[i] = xi
+                    xi = torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+                else:
+                    xi = xi.dense()
+            outs.append(g)
+            vecs.append(xi)
+        if not outs:
             return [None] * len(inputs)
-        outs, vecs = zip(*pairs)
-        return list(
-            torch.autograd.grad(
-                list(outs), list(inputs), list(vecs), retain_graph=retain, allow_unused=True
-            )
-        )
+        if capture is None:
+            return list(torch.autograd.grad(outs, list(inputs), vecs, retain_graph=retain,
+                                            allow_unused=True))
+        with capture.collecting_product(cotangents):
+            out: list[Any] = list(torch.autograd.grad(
+                outs, list(inputs), vecs, retain_graph=retain, allow_unused=True))
+        params = self.objective.params
+        for i, p in enumerate(params[:len(inputs)]):
+            if inputs[i] is p:
+                entry = capture.take(i, out[i], p)
+                if entry is not None:
+                    out[i] = entry
+        return out
 
     def hvp(self, x: Sequence[Tensor]) -> TensorList:
         """H x with H = ∂²_{θθ} L_in, as new tensors the caller may overwrite."""
@@ -230,7 +280,6 @@ class Curvature:
     def release(self) -> None:
         """Drop the graph of ∇_θ L_in (a later product builds it again)."""
         self._grad = None
-
 
 
 def upper_gradient(objective: InnerObjective) -> list[Tensor | None]:
@@ -336,6 +385,12 @@ def mixed_forward(objective: InnerObjective,
     return _upper_part(objective, out)  # as in exact mode: never a silent zero hypergradient
 
 
+#: ``solve`` implementations that do all vector arithmetic through ``linalg`` (so that
+#: ``FactorSum`` entries may flow through them); a subclass overriding ``solve`` is not
+#: listed and keeps dense vectors. Filled in by the method modules.
+FACTORED_SOLVES: set[Callable[..., Any]] = set()
+
+
 class HypergradMethod(Method, ABC):
     """Base class: a method is a small frozen settings object that is also callable.
 
@@ -400,12 +455,29 @@ class HypergradMethod(Method, ABC):
         return None
 
     def accepts_factors(self, objective: InnerObjective) -> bool:
-        """Whether a call on ``objective`` uses v only through D_θ L_in[c·v] (a uniform scale
-        and forward mode), so that linear layers' parts of v may come as ``LinearFactors``
-        (the upper problem then never forms them; see ``factored``)."""
-        return (factored.ENABLED and objective.reduce is None
-                and self.uniform_scale(objective) is not None
-                and self._mode(objective) in _FORWARD_MODES)
+        """Whether linear layers' parts of v may come as ``LinearFactors`` (the upper
+        problem then never forms them; see ``factored``): when a call on ``objective`` uses
+        v only through D_θ L_in[c·v] (a uniform scale and forward mode), or when its
+        Hessian-vector products are factored (``_factored_products``)."""
+        if not factored.ENABLED or objective.reduce is not None:
+            return False
+        mode = self._mode(objective)
+        return ((self.uniform_scale(objective) is not None and mode in _FORWARD_MODES)
+                or self._factored_products(objective, mode))
+
+    def _factored_products(self, objective: InnerObjective, mode: str) -> bool:
+        """Whether this call's Hessian-vector products run on ``factored_hessian``'s graph:
+        a built-in Krylov solve (whose vector arithmetic is ``linalg``'s, which takes
+        ``FactorSum`` entries) with the exact mixed product, in one process, on float32 or
+        float64 parameters, at least one of them a weight of ``factored_hessian.MIN_ENTRIES``
+        entries. ``factored.ENABLED = False`` turns it off."""
+        params = objective.params
+        return (factored.ENABLED and self.uses_hessian and mode == "exact"
+                and objective.reduce is None
+                and type(self).solve in FACTORED_SOLVES
+                and all(p.dtype in (torch.float32, torch.float64) for p in params)
+                and any(p.dim() == 2 and p.numel() >= factored_hessian.MIN_ENTRIES
+                        for p in params))
 
     def before_optimizer_step(
         self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: dict[str, Any]
@@ -449,23 +521,30 @@ class HypergradMethod(Method, ABC):
                 return loss()
 
             objective = dataclasses.replace(objective, loss=replayed_loss)
-            curvature = Curvature(objective)
             mode = self._mode(objective)
+            curvature = Curvature(objective, factored=self._factored_products(objective, mode))
             if objective.reduce is not None and objective.reduce.pending:
                 # data parallel: v is still being all-reduced; build ∇_θ L_in's graph meanwhile
                 if self.uses_hessian or mode == "exact":
                     curvature.gradient()
                 objective.reduce.wait()
             scale = self.uniform_scale(objective)
-            if scale is None or mode not in _FORWARD_MODES:
+            if curvature.factored:  # the upper gradient's factors start the Krylov space
+                starts: list[Any] = [
+                    FactorSum({("v", i): (t.inputs, t.grads, True)}, t.rest, p)
+                    if isinstance(t, LinearFactors) else t
+                    for i, (t, p) in enumerate(zip(v, params))]
+                v = starts
+            elif scale is None or mode not in _FORWARD_MODES:
                 v = densify(v)
-            vec: list[Any] = [t if isinstance(t, LinearFactors) else t.detach() for t in v]
+            vec: list[Any] = [t if isinstance(t, LinearFactors | FactorSum) else t.detach()
+                              for t in v]
             if self.uses_hessian:
                 # θ_i that L_in's gradient does not depend on has a zero row and column in H:
                 # its best response does not move with λ, so its part of v contributes nothing
                 # (and would make the solve singular).
-                vec = [vi if g.requires_grad else torch.zeros_like(vi)
-                       for vi, g in zip(vec, curvature.gradient())]
+                vec = [vi if g.requires_grad else torch.zeros_like(p)
+                       for vi, g, p in zip(vec, curvature.gradient(), params)]
             # exact mode: a method that fuses takes the mixed product from its own
             # Hessian-vector products (no separate backward through the graph of ∇_θ L_in)
             fused = (self.solve_mixed(objective, vec, curvature)

@@ -22,7 +22,7 @@ import torch
 
 from ..validation import check_float, check_int
 from . import linalg
-from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
+from .base import FACTORED_SOLVES, Curvature, HypergradMethod, InnerObjective, MixedMode
 from .linalg import TensorList
 
 
@@ -132,3 +132,6 @@ class CG(HypergradMethod):
         if fused:
             curvature.release()
         return x, mx
+
+
+FACTORED_SOLVES.add(CG.solve)

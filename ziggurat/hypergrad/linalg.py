@@ -1,40 +1,67 @@
 """Linear algebra on lists of tensors (one tensor per parameter), without flattening.
 
-Every vector here is a ``list[Tensor]`` shaped like a parameter list. Reductions return
-0-dim tensors and never call ``.item()``, so solvers run without host synchronisation.
+Every vector here is a list shaped like a parameter list, each entry a tensor or, for a
+linear layer's weight under the factored Hessian-vector products, a ``FactorSum`` (the
+functions below take either; dense entries go through multi-tensor kernels). Reductions
+return 0-dim tensors and never call ``.item()``, so solvers run without host
+synchronisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .lowrank import FactorSum
+
+#: a vector: one entry per parameter (a ``FactorSum`` only where factored products made it)
 TensorList = list[Tensor]
+
+
+def _any_factored(*lists: Sequence[object]) -> bool:
+    return any(isinstance(t, FactorSum) for xs in lists for t in xs)
+
+
+def _dense_positions(xs: Sequence[object], ys: Sequence[object]) -> list[int]:
+    return [i for i, (x, y) in enumerate(zip(xs, ys))
+            if not isinstance(x, FactorSum) and not isinstance(y, FactorSum)]
 
 
 def zeros_like(xs: Sequence[Tensor]) -> TensorList:
     """A list of zero tensors shaped like ``xs``."""
-    return [torch.zeros_like(x) for x in xs]
+    return [FactorSum.zeros(x) if isinstance(x, FactorSum) else torch.zeros_like(x) for x in xs]
 
 
 def clone(xs: Sequence[Tensor]) -> TensorList:
     """Detached copies of ``xs``."""
-    return [x.detach().clone() for x in xs]
+    return [x.copy() if isinstance(x, FactorSum) else x.detach().clone()
+            for x in xs]
+
+
+def _dot1(x: Tensor | FactorSum, y: Tensor | FactorSum) -> Tensor:
+    if isinstance(x, FactorSum):
+        return x.dot(y)
+    if isinstance(y, FactorSum):
+        return y.dot(x)
+    return torch.vdot(x.reshape(-1), y.reshape(-1))
 
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """Σ_i <x_i, y_i> as a 0-dim tensor (in the dtype of the inputs)."""
     if len(xs) == 0:
         return torch.zeros(())
-    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
+    return torch.stack([_dot1(x, y) for x, y in zip(xs, ys)]).sum()
 
 
 def norm(xs: Sequence[Tensor]) -> Tensor:
     """Euclidean norm of the concatenation of ``xs`` as a 0-dim tensor."""
     if len(xs) == 0:
         return torch.zeros(())
+    if _any_factored(xs):
+        return dot(xs, xs).clamp_min(0).sqrt()
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(xs))))
 
 
@@ -45,8 +72,22 @@ def _broadcast_alpha(alpha: Tensor, xs: Sequence[Tensor]) -> bool:
     return len(xs) > 0 and xs[0].device.type == "cpu" and alpha.device.type == "cpu"
 
 
+def _mixed_axpy(alpha: Tensor | float, x: Tensor | FactorSum,
+                y: Tensor | FactorSum) -> Tensor | FactorSum:
+    """y + alpha * x for one entry pair of which at least one is a ``FactorSum``."""
+    out = y.copy() if isinstance(y, FactorSum) else FactorSum({}, y, y)
+    return out.add_(x, alpha)
+
+
 def axpy(alpha: Tensor | float, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> TensorList:
     """Return y + alpha * x (new tensors; no host sync for a tensor alpha)."""
+    if _any_factored(xs, ys):
+        dense = _dense_positions(xs, ys)
+        out: list[Any] = [None if i in dense else _mixed_axpy(alpha, x, y)
+                          for i, (x, y) in enumerate(zip(xs, ys))]
+        for i, t in zip(dense, axpy(alpha, [xs[i] for i in dense], [ys[i] for i in dense])):
+            out[i] = t
+        return out
     if isinstance(alpha, Tensor):
         if _broadcast_alpha(alpha, xs):
             return list(torch._foreach_addcmul(list(ys), list(xs), [alpha] * len(xs)))
@@ -55,7 +96,18 @@ def axpy(alpha: Tensor | float, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> T
 
 
 def axpy_(alpha: Tensor | float, xs: Sequence[Tensor], ys: list[Tensor]) -> None:
-    """y += alpha * x, in place (no temporary on CPU, see ``axpy``)."""
+    """y += alpha * x, in place (no temporary on CPU, see ``axpy``); a ``FactorSum`` entry
+    of y is updated in place, a tensor entry of y meeting a ``FactorSum`` is replaced."""
+    if _any_factored(xs, ys):
+        dense = _dense_positions(xs, ys)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            if i not in dense:
+                entry: Any = (y.add_(x, alpha) if isinstance(y, FactorSum)
+                              else _mixed_axpy(alpha, x, y))
+                ys[i] = entry
+        if dense:
+            axpy_(alpha, [xs[i] for i in dense], [ys[i] for i in dense])
+        return
     if isinstance(alpha, Tensor):
         if _broadcast_alpha(alpha, xs):
             torch._foreach_addcmul_(ys, list(xs), [alpha] * len(xs))
@@ -67,7 +119,15 @@ def axpy_(alpha: Tensor | float, xs: Sequence[Tensor], ys: list[Tensor]) -> None
 
 def scale(alpha: Tensor | float, xs: Sequence[Tensor]) -> TensorList:
     """alpha * x (new tensors)."""
+    if _any_factored(xs):
+        return [x.scaled(alpha) if isinstance(x, FactorSum) else x * alpha
+                for x in xs]
     return list(torch._foreach_mul(list(xs), alpha))
+
+
+def densify(xs: Sequence[Tensor]) -> TensorList:
+    """``xs`` with every ``FactorSum`` formed as a matrix."""
+    return [x.dense() if isinstance(x, FactorSum) else x for x in xs]
 
 
 def all_finite(xs: Sequence[Tensor]) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ..validation import check_float, check_int
-from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
+from .base import FACTORED_SOLVES, Curvature, HypergradMethod, InnerObjective, MixedMode
 from .linalg import TensorList
 from .richardson import richardson, step_size
 
@@ -62,3 +62,6 @@ class Neumann(HypergradMethod):
             key="neumann",
         )
         return richardson(curvature, v, alpha, self.iterations)
+
+
+FACTORED_SOLVES.add(Neumann.solve)

@@ -75,6 +75,6 @@ def richardson(
     for _ in range(iterations):
         # y += α(v − Hy), written into the fresh product Hy (no θ-sized temporary)
         hy = curvature.hvp(y)
-        torch._foreach_sub_(hy, v)
+        linalg.axpy_(-1.0, v, hy)
         linalg.axpy_(-alpha, hy, y)
     return y
