@@ -216,6 +216,29 @@ def test_products_with_lambda_inside_the_network() -> None:
     check_products(objective(module, loss, [lam]), factored_keys=2)
 
 
+def factorisation_objective() -> zg.InnerObjective:
+    """U is the input of one F.linear (U Vᵀ) and the weight of another (z Uᵀ); no biases,
+    so every entry of every vector is factored."""
+    gen = torch.Generator().manual_seed(12)
+    u = (0.1 * torch.randn(8, 300, generator=gen)).requires_grad_()
+    w = (0.1 * torch.randn(400, 300, generator=gen)).requires_grad_()
+    lam = torch.randn(8, 400, generator=gen).requires_grad_()
+    target, z = torch.randn(8, 400, generator=gen), torch.randn(2, 300, generator=gen)
+
+    def loss() -> Tensor:
+        h = F.linear(z, u)
+        return (0.5 * ((F.linear(u, w) - target) ** 2 * torch.sigmoid(lam)).sum()
+                + 0.5 * h.pow(2).sum() + torch.tanh(h).sum())
+
+    return zg.InnerObjective([u, w], [lam], loss)
+
+
+def test_products_with_a_weight_that_is_also_an_input() -> None:
+    """U's gradient sums its own g_U and the dx of the call it feeds: not only weight
+    gradients, so U takes dense cotangents (W factored ones), and products stay exact."""
+    check_products(factorisation_objective(), factored_keys=1)
+
+
 # --- the solvers: factored against dense, through the method call ----------------------------
 
 METHODS = [zg.Neumann(iterations=3, alpha=0.5), zg.Neumann(iterations=2),
@@ -230,6 +253,17 @@ def test_methods_agree_with_dense(monkeypatch: pytest.MonkeyPatch,
     dense method's result; the solve really ran on factored products."""
     module, lam = mlp(), torch.randn(BATCH, requires_grad=True)
     obj = objective(module, weighted_ce(module, lam), [lam])
+    compare_with_dense(monkeypatch, method, obj, factored_v)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_methods_with_every_entry_factored(monkeypatch: pytest.MonkeyPatch,
+                                           method: zg.HypergradMethod) -> None:
+    compare_with_dense(monkeypatch, method, factorisation_objective(), factored_v=True)
+
+
+def compare_with_dense(monkeypatch: pytest.MonkeyPatch, method: zg.HypergradMethod,
+                       obj: zg.InnerObjective, factored_v: bool) -> None:
     gen = torch.Generator().manual_seed(11)
     rows = 2
     v: list[Any] = []

@@ -222,16 +222,23 @@ class HessianCapture(TorchFunctionMode):
     def factored(self, grads: Mapping[Hashable, Tensor]) -> set[Hashable]:
         """Keys whose gradient g_W's graph is made only of ``_GraphLinearGrad`` nodes (and
         the additions that sum them): those may take a ``FactorSum`` cotangent."""
-        out = set()
-        for key, g in grads.items():
-            if key in self._keys.values() and g.grad_fn is not None and _only_ours(g.grad_fn):
-                out.add(key)
-        return out
+        watched = set(self._keys.values())
+        return {key for key, g in grads.items()
+                if key in watched and g.grad_fn is not None
+                and _only_weight_gradients(g.grad_fn, g.output_nr, key)}
 
 
-def _only_ours(node: Any) -> bool:
+#: the position of g_W among ``_GraphLinearGrad``'s outputs (dx, g_W, g_b)
+_WEIGHT_OUTPUT = 1
+
+
+def _only_weight_gradients(node: Any, output: int, key: Hashable) -> bool:
+    """Whether the gradient leaving ``node`` at ``output`` is a sum of g_W outputs of
+    ``_GraphLinearGrad`` nodes of weight ``key`` (not their dx: a weight may also be the
+    input of another factored call)."""
     if getattr(node, "_forward_cls", None) is _GraphLinearGrad:
-        return True
+        return output == _WEIGHT_OUTPUT and node.key == key
     if type(node).__name__ == "AddBackward0":
-        return all(n is None or _only_ours(n) for n, _ in node.next_functions)
+        return all(n is None or _only_weight_gradients(n, nr, key)
+                   for n, nr in node.next_functions)
     return False

@@ -85,8 +85,9 @@ def axpy(alpha: Tensor | float, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> T
         dense = _dense_positions(xs, ys)
         out: list[Any] = [None if i in dense else _mixed_axpy(alpha, x, y)
                           for i, (x, y) in enumerate(zip(xs, ys))]
-        for i, t in zip(dense, axpy(alpha, [xs[i] for i in dense], [ys[i] for i in dense])):
-            out[i] = t
+        if dense:
+            for i, t in zip(dense, axpy(alpha, [xs[i] for i in dense], [ys[i] for i in dense])):
+                out[i] = t
         return out
     if isinstance(alpha, Tensor):
         if _broadcast_alpha(alpha, xs):
