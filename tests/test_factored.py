@@ -327,3 +327,41 @@ def test_no_grad_block_in_the_lower_loss_is_a_constant(monkeypatch: pytest.Monke
 
     assert three_ways(monkeypatch, zg.Darts(mixed="forward"), zg.Darts(mixed="exact"),
                       lower_loss=lower) == 2 * 3
+
+
+def test_autocast_in_the_upper_loss_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upper loss under bfloat16 autocast computes its linear layers in bfloat16; the
+    capture steps aside there (its backward would mix dtypes), so the run equals the dense
+    one (it used to raise a dtype error)."""
+    torch.set_default_dtype(torch.float32)  # (the fixture restores float64)
+
+    def autocast_upper(p: Any, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return plain_upper(p, b).float()
+
+    got = run(zg.Darts(mixed="forward"), upper_loss=autocast_upper)
+    monkeypatch.setattr(factored, "ENABLED", False)
+    assert rel(got, run(zg.Darts(mixed="forward"), upper_loss=autocast_upper)) == 0.0
+
+
+def test_a_hooked_weight_is_not_captured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor hook on a lower weight (a pruning mask) must see its whole upper gradient,
+    which the capture never forms: that weight keeps the dense path, and the run is exact."""
+    def masked() -> torch.nn.Sequential:
+        net = classifier()
+        mask = (torch.arange(HID * HID).reshape(HID, HID) % 3 != 0).to(DTYPE)
+        net[2].weight.register_hook(lambda g: g * mask)
+        return net
+
+    shapes: list[tuple[int, ...]] = []
+    real = base.mixed_forward
+
+    def spy(objective: Any, x: Any) -> Any:
+        shapes.extend(tuple(t.shape) for t in x if isinstance(t, factored.LinearFactors))
+        return real(objective, x)
+
+    monkeypatch.setattr(base, "mixed_forward", spy)
+    got = run(zg.Darts(mixed="forward"), module_factory=masked)
+    assert shapes and (HID, HID) not in shapes  # the first layer's weight only
+    monkeypatch.setattr(factored, "ENABLED", False)
+    assert rel(got, run(zg.Darts(mixed="forward"), module_factory=masked)) < 1e-12

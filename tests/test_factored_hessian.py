@@ -302,8 +302,64 @@ def test_fixed_point_and_subclasses_stay_dense() -> None:
     module, lam = mlp(), torch.randn(BATCH, requires_grad=True)
     obj = objective(module, weighted_ce(module, lam), [lam])
     assert zg.CG().accepts_factors(obj) and zg.Neumann().accepts_factors(obj)
-    for method in (zg.FixedPoint(), MyCG(), zg.CG(mixed="fd"), zg.Neumann(mixed="forward")):
+    class MyMixedCG(zg.CG):
+        def solve_mixed(self, objective: Any, v: Any, curvature: Any) -> Any:
+            return super().solve_mixed(objective, v, curvature)
+
+    for method in (zg.FixedPoint(), MyCG(), MyMixedCG(), zg.CG(mixed="fd"),
+                   zg.Neumann(mixed="forward")):
         assert not method.accepts_factors(obj), method
+    from ziggurat.compat.betty.hypergradient import BettyNeumann
+    assert BettyNeumann(alpha=0.1).accepts_factors(obj)
+
+
+def test_power_iteration_state_holds_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neumann's α estimate keeps its last power iterate between calls: as tensors (a
+    checkpoint saves them with weights_only; factors would hold the call's activations)."""
+    module, lam = mlp(), torch.randn(BATCH, requires_grad=True)
+    obj = objective(module, weighted_ce(module, lam), [lam])
+    v = [torch.randn(p.shape) for p in obj.params]
+    got = zg.Neumann(iterations=2, alpha_refresh=1)(obj, v)
+    assert all(type(t) is Tensor for t in obj.state["neumann"]["vector"])
+    monkeypatch.setattr(factored, "ENABLED", False)
+    dense_obj = objective(module, weighted_ce(module, lam), [lam])
+    assert rel(got, zg.Neumann(iterations=2, alpha_refresh=1)(dense_obj, v)) < TOL
+
+
+def test_hooked_and_repeated_weights_are_not_watched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor hook (a pruning mask) must see the weight's whole gradient, and a weight
+    listed twice gets both products: such weights stay on double backward, exactly."""
+    module, lam = mlp(), torch.randn(BATCH, requires_grad=True)
+    mask = (torch.arange(HID * IN).reshape(HID, IN) % 3 != 0).to(DTYPE)
+    module[0].weight.register_hook(lambda g: g * mask)
+    params = [*module.parameters(), module[2].weight]
+    obj = zg.InnerObjective(params, [lam], weighted_ce(module, lam), module=module)
+    capture = factored_hessian.HessianCapture(dict(enumerate(params)))
+    assert sorted(capture._keys.values()) == [4]  # only the last layer's weight
+    v = [torch.randn(p.shape) for p in params]
+    # (Neumann: the masked H is not symmetric, and CG's curvature guard may stop at once)
+    got = zg.Neumann(iterations=3, alpha=0.1)(obj, v)
+    monkeypatch.setattr(factored, "ENABLED", False)
+    ref = zg.Neumann(iterations=3, alpha=0.1)(obj, v)
+    assert float(ref[0].norm()) > 0 and rel(got, ref) < TOL
+
+
+def test_autocast_inside_the_loss_steps_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss that turns autocast on computes its linear layers in bfloat16: the factored
+    functions step aside there (their backward would mix dtypes), as the dense path."""
+    torch.set_default_dtype(torch.float32)  # (the fixture restores it)
+    module, lam = mlp(), torch.randn(BATCH, requires_grad=True)
+    loss = weighted_ce(module, lam)
+
+    def autocast_loss() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss().float()
+
+    obj = zg.InnerObjective(list(module.parameters()), [lam], autocast_loss, module=module)
+    v = [torch.randn(p.shape, dtype=torch.float32) for p in obj.params]
+    got = zg.Neumann(iterations=2, alpha=0.5)(obj, v)
+    monkeypatch.setattr(factored, "ENABLED", False)
+    assert rel(got, zg.Neumann(iterations=2, alpha=0.5)(obj, v)) == 0.0
 
 
 # --- a whole program ----------------------------------------------------------------------

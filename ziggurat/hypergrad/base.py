@@ -385,10 +385,17 @@ def mixed_forward(objective: InnerObjective,
     return _upper_part(objective, out)  # as in exact mode: never a silent zero hypergradient
 
 
-#: ``solve`` implementations that do all vector arithmetic through ``linalg`` (so that
-#: ``FactorSum`` entries may flow through them); a subclass overriding ``solve`` is not
-#: listed and keeps dense vectors. Filled in by the method modules.
-FACTORED_SOLVES: set[Callable[..., Any]] = set()
+#: (``solve``, ``solve_mixed``) pairs that do all vector arithmetic through ``linalg`` (so
+#: that ``FactorSum`` entries may flow through them), added by ``takes_factored_vectors``; a
+#: subclass overriding either keeps dense vectors unless it is added too.
+FACTORED_SOLVES: set[tuple[Callable[..., Any], Callable[..., Any]]] = set()
+
+
+def takes_factored_vectors(cls: type[HypergradMethod]) -> type[HypergradMethod]:
+    """Declare that ``cls``'s ``solve`` and ``solve_mixed`` handle vectors only through
+    ``linalg`` and ``Curvature``, so that its Hessian-vector products may be factored."""
+    FACTORED_SOLVES.add((cls.solve, cls.solve_mixed))
+    return cls
 
 
 class HypergradMethod(Method, ABC):
@@ -467,14 +474,15 @@ class HypergradMethod(Method, ABC):
 
     def _factored_products(self, objective: InnerObjective, mode: str) -> bool:
         """Whether this call's Hessian-vector products run on ``factored_hessian``'s graph:
-        a built-in Krylov solve (whose vector arithmetic is ``linalg``'s, which takes
-        ``FactorSum`` entries) with the exact mixed product, in one process, on float32 or
+        a Krylov solve declared with ``takes_factored_vectors`` (CG, Neumann: their vector
+        arithmetic is ``linalg``'s, which takes ``FactorSum`` entries) with the exact mixed
+        product, in one process, on float32 or
         float64 parameters, at least one of them a weight of ``factored_hessian.MIN_ENTRIES``
         entries. ``factored.ENABLED = False`` turns it off."""
         params = objective.params
         return (factored.ENABLED and self.uses_hessian and mode == "exact"
                 and objective.reduce is None
-                and type(self).solve in FACTORED_SOLVES
+                and (type(self).solve, type(self).solve_mixed) in FACTORED_SOLVES
                 and all(p.dtype in (torch.float32, torch.float64) for p in params)
                 and any(p.dim() == 2 and p.numel() >= factored_hessian.MIN_ENTRIES
                         for p in params))

@@ -22,7 +22,13 @@ import torch
 
 from ..validation import check_float, check_int
 from . import linalg
-from .base import FACTORED_SOLVES, Curvature, HypergradMethod, InnerObjective, MixedMode
+from .base import (
+    Curvature,
+    HypergradMethod,
+    InnerObjective,
+    MixedMode,
+    takes_factored_vectors,
+)
 from .linalg import TensorList
 
 
@@ -134,4 +140,4 @@ class CG(HypergradMethod):
         return x, mx
 
 
-FACTORED_SOLVES.add(CG.solve)
+takes_factored_vectors(CG)

@@ -92,6 +92,20 @@ def worth_factoring(rows: int, shape: Sequence[int]) -> bool:
     return rows * (in_features + out_features) < in_features * out_features
 
 
+def watched_weights(weights: Mapping[Hashable, Tensor],
+                    min_entries: int = 0) -> dict[int, Hashable]:
+    """id(W) → key for the matrices a capture may route through its own function: 2-D,
+    at least ``min_entries`` entries, listed once, and without tensor hooks (a hook, e.g.
+    a pruning mask, must see W's whole gradient, which the factored backward never forms).
+    """
+    counts: dict[int, int] = {}
+    for w in weights.values():
+        counts[id(w)] = counts.get(id(w), 0) + 1
+    return {id(w): k for k, w in weights.items()
+            if w.dim() == 2 and w.numel() >= min_entries and counts[id(w)] == 1
+            and not w._backward_hooks}
+
+
 def _transformed() -> bool:
     """True inside torch.compile tracing or a torch.func transform (vmap, grad, jvp): the
     factored path steps aside there (its custom autograd function and dual tensors are not
@@ -148,7 +162,7 @@ class LinearCapture(TorchFunctionMode):
 
     def __init__(self, weights: Mapping[Hashable, Tensor]) -> None:
         super().__init__()
-        self._keys = {id(w): k for k, w in weights.items() if w.dim() == 2}
+        self._keys = watched_weights(weights)
         self.collecting = False
         self._parts: dict[Hashable, tuple[list[Tensor], list[Tensor]]] = {}
 
@@ -160,7 +174,8 @@ class LinearCapture(TorchFunctionMode):
             x, weight, bias = _linear_arguments(args, kwargs)
             key = self._keys.get(id(weight)) if isinstance(weight, Tensor) else None
             if (key is not None and type(x) is Tensor and x.layout == torch.strided
-                    and x.dim() >= 1 and not _transformed() and not _saving_through_hooks()):
+                    and x.dim() >= 1 and not _transformed() and not _saving_through_hooks()
+                    and not torch.is_autocast_enabled(x.device.type)):
                 return _CapturedLinear.apply(x, weight, bias, self, key)
         return func(*args, **kwargs)
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .factored import _linear_arguments, _saving_through_hooks, _transformed
+from .factored import _linear_arguments, _saving_through_hooks, _transformed, watched_weights
 from .lowrank import FactorSum, Term
 
 _LINEAR = torch.nn.functional.linear
@@ -155,8 +155,7 @@ class HessianCapture(TorchFunctionMode):
 
     def __init__(self, weights: Mapping[Hashable, Tensor]) -> None:
         super().__init__()
-        self._keys = {id(w): k for k, w in weights.items()
-                      if w.dim() == 2 and w.numel() >= MIN_ENTRIES}
+        self._keys = watched_weights(weights, MIN_ENTRIES)
         self.is_building = False
         self.collecting = False
         self._cotangents: dict[Hashable, FactorSum] = {}
@@ -177,7 +176,8 @@ class HessianCapture(TorchFunctionMode):
             if (key is not None and type(x) is Tensor and x.layout == torch.strided
                     and x.dim() >= 1 and x.numel() > 0
                     and worth_factoring(x.numel() // x.shape[-1], weight.shape)
-                    and not _transformed() and not _saving_through_hooks()):
+                    and not _transformed() and not _saving_through_hooks()
+                    and not torch.is_autocast_enabled(x.device.type)):
                 return _GraphLinear.apply(x, weight, bias, self, key)
         return func(*args, **kwargs)
 

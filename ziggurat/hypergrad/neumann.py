@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ..validation import check_float, check_int
-from .base import FACTORED_SOLVES, Curvature, HypergradMethod, InnerObjective, MixedMode
+from .base import (
+    Curvature,
+    HypergradMethod,
+    InnerObjective,
+    MixedMode,
+    takes_factored_vectors,
+)
 from .linalg import TensorList
 from .richardson import richardson, step_size
 
@@ -64,4 +70,4 @@ class Neumann(HypergradMethod):
         return richardson(curvature, v, alpha, self.iterations)
 
 
-FACTORED_SOLVES.add(Neumann.solve)
+takes_factored_vectors(Neumann)

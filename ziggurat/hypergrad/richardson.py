@@ -45,8 +45,10 @@ def step_size(
             generator = torch.Generator().manual_seed(0)
             start = [torch.randn(p.shape, dtype=p.dtype, generator=generator).to(p.device)
                      for p in params]
-        estimate, state["vector"] = linalg.power_iteration(curvature.hvp, start,
-                                                           power_iterations)
+        estimate, vector = linalg.power_iteration(curvature.hvp, start, power_iterations)
+        # kept as tensors: a factored iterate would hold this call's activations, and the
+        # state is checkpointed (weights_only)
+        state["vector"] = linalg.densify(vector)
         lam = float(estimate)
         if not lam > 0.0 or lam != lam or lam == float("inf"):
             raise HypergradientError(

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from ...hypergrad import CG, SAMA, Darts, Neumann, linalg
-from ...hypergrad.base import Curvature, InnerObjective
+from ...hypergrad.base import Curvature, InnerObjective, takes_factored_vectors
 from ...hypergrad.linalg import TensorList
 from ...registry import REGISTRY, Method
 
@@ -59,6 +59,9 @@ class BettyNeumann(Neumann):
             _check_neumann(objective, curvature, self.alpha, self.power_steps)
         state["calls"] += 1
         return super().solve(objective, v, curvature)
+
+
+takes_factored_vectors(BettyNeumann)  # its check and solve go through linalg and Curvature
 
 
 def _check_neumann(objective: InnerObjective, curvature: Curvature, alpha: float,
