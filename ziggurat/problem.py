@@ -24,6 +24,7 @@ from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
 from .systems.distributed import Communicator
+from .torch_compat import autocast_enabled
 from .trainable import TrainableParameters
 from .unrolled.reparam import use_parameters
 
@@ -850,7 +851,7 @@ class ImplicitProblem(Problem):
         batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
         device = self.device
         # (autocast already off on the device: nothing to turn off, no context entered)
-        precision = (full_precision(device) if torch.is_autocast_enabled(device.type)
+        precision = (full_precision(device) if autocast_enabled(device.type)
                      else nullcontext())
         with precision, self._others_view():
             losses = [self._loss_of(self.training_step(b)) for b in batches]

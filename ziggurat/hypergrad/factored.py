@@ -35,6 +35,8 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
+from ..torch_compat import autocast_enabled
+
 _LINEAR = torch.nn.functional.linear
 
 #: Set to False to turn the factored path off everywhere (upper backward forms every v_W).
@@ -175,7 +177,7 @@ class LinearCapture(TorchFunctionMode):
             key = self._keys.get(id(weight)) if isinstance(weight, Tensor) else None
             if (key is not None and type(x) is Tensor and x.layout == torch.strided
                     and x.dim() >= 1 and not _transformed() and not _saving_through_hooks()
-                    and not torch.is_autocast_enabled(x.device.type)):
+                    and not autocast_enabled(x.device.type)):
                 return _CapturedLinear.apply(x, weight, bias, self, key)
         return func(*args, **kwargs)
 

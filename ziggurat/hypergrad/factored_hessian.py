@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from ..torch_compat import autocast_enabled
 from .factored import _linear_arguments, _saving_through_hooks, _transformed, watched_weights
 from .lowrank import FactorSum, Term
 
@@ -177,7 +178,7 @@ class HessianCapture(TorchFunctionMode):
                     and x.dim() >= 1 and x.numel() > 0
                     and worth_factoring(x.numel() // x.shape[-1], weight.shape)
                     and not _transformed() and not _saving_through_hooks()
-                    and not torch.is_autocast_enabled(x.device.type)):
+                    and not autocast_enabled(x.device.type)):
                 return _GraphLinear.apply(x, weight, bias, self, key)
         return func(*args, **kwargs)
 
