@@ -4,9 +4,9 @@ The reweighting workload of ``meta_iteration.py`` stepped through the same ``Eng
 the factored paths on and with ``factored.ENABLED = False``, in alternation with a plain
 training step: Darts or SAMA with SGD (forward mode from 1M lower parameters: the upper
 gradient in factors, ``ziggurat.hypergrad.factored``), or Neumann / CG (factored
-Hessian-vector products, ``ziggurat.hypergrad.factored_hessian``). Times are CPU time of the process (one thread), so
-load from other processes hits both sides alike; each line is the median over rounds of
-(meta-iteration / plain step) in the same round.
+Hessian-vector products, ``ziggurat.hypergrad.factored_hessian``). Times are CPU time of
+the process (one thread), so load from other processes hits both sides alike; each line is
+the median over rounds of (meta-iteration / plain step) in the same round.
 
     python benchmarks/factored_ab.py --size 8M --method darts --repeats 9
     python benchmarks/factored_ab.py --size 32M --method sama-sgd --repeats 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ziggurat.torch_compat import autocast_enabled
+from ziggurat.torch_compat import autocast_enabled, compiling
 
 
 def test_autocast_enabled_follows_the_context() -> None:
@@ -30,3 +30,15 @@ def test_autocast_enabled_on_the_torch_2_2_signature(monkeypatch: pytest.MonkeyP
         old_api.setattr(torch, "is_autocast_enabled", cuda_only)
         assert autocast_enabled("cpu")
         assert not autocast_enabled("cuda") and not autocast_enabled("xpu")
+
+
+def test_compiling_is_false_in_eager_and_true_under_compile() -> None:
+    seen: list[bool] = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        seen.append(compiling())
+        return x + 1
+
+    f(torch.ones(1))
+    torch.compile(f, backend="eager")(torch.ones(1))
+    assert seen[0] is False and True in seen[1:]

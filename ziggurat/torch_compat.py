@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import cast
+
 import torch
 
 
@@ -17,3 +21,20 @@ def autocast_enabled(device_type: str) -> bool:
         if device_type == "cpu":
             return bool(torch.is_autocast_cpu_enabled())
         return device_type == "cuda" and bool(torch.is_autocast_enabled())
+
+
+def _is_compiling_check() -> Callable[[], bool]:
+    """``torch.compiler.is_compiling`` from torch 2.3; ``torch._dynamo.is_compiling`` before."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:  # torch < 2.3
+        dynamo = importlib.import_module("torch._dynamo")
+        check = dynamo.is_compiling
+    return cast("Callable[[], bool]", check)
+
+
+_IS_COMPILING = _is_compiling_check()
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing the current code."""
+    return bool(_IS_COMPILING())

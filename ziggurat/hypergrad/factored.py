@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
-from ..torch_compat import autocast_enabled
+from ..torch_compat import autocast_enabled, compiling
 
 _LINEAR = torch.nn.functional.linear
 
@@ -112,7 +112,7 @@ def _transformed() -> bool:
     """True inside torch.compile tracing or a torch.func transform (vmap, grad, jvp): the
     factored path steps aside there (its custom autograd function and dual tensors are not
     written for them), and the dense path handles those calls."""
-    return bool(torch.compiler.is_compiling()
+    return bool(compiling()
                 or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
