@@ -14,8 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -104,36 +103,33 @@ class Engine:
         bookkeeping is a measurable part of the step.)"""
         stepped: list[str] = []
         finished: list[str] = []
-        for name, entry in self._plan.items():
-            if not entry.leaf:  # ready once each lower problem took its unroll_steps
-                pending = self._pending
+        pending, unroll_open = self._pending, self._unroll_open
+        for name, problem, waits, counts, children in self._plan:
+            if waits:  # not a leaf: ready once each lower problem took its unroll_steps
                 ready = True
-                for key, lower in entry.waits:
+                for key, lower in waits:
                     if pending[key] < lower.config.unroll_steps:
                         ready = False
                         break
                 if not ready:
                     continue
-            problem = entry.problem
             counted = problem.count >= problem.config.warmup_steps
-            if counted and not self._unroll_open[name]:
+            if counted and not unroll_open[name]:
                 problem.start_unroll()
-                self._unroll_open[name] = True
+                unroll_open[name] = True
             problem.step()
             if counted:
-                pending = self._pending
-                for key in entry.counts:
+                for key in counts:
                     pending[key] += 1
             stepped.append(name)
-            if not entry.leaf:
-                pending = self._pending
-                for key, _ in entry.waits:
+            if waits:
+                for key, _ in waits:
                     pending[key] = 0
-                finished.extend(entry.children)
+                finished.extend(children)
         if finished:
             for c in dict.fromkeys(finished):
                 self._by_name[c].end_unroll()
-                self._unroll_open[c] = False
+                unroll_open[c] = False
         self.global_step += 1
         return stepped
 
@@ -338,35 +334,34 @@ class Engine:
 
 
 
-@dataclass(frozen=True)
-class _PlanEntry:
+class _PlanEntry(NamedTuple):
     """What the schedule reads about one problem at every iteration, looked up once.
 
     ``waits``: for each lower problem c, the key (self, c) of its counted steps and c
     (whose ``config.unroll_steps`` it must reach, read at each iteration so that a replaced
-    config is followed); ``counts``: the keys (upper, self) a counted step of this problem
-    increments."""
+    config is followed; empty for a leaf); ``counts``: the keys (upper, self) a counted step
+    of this problem increments; ``children``: the lower problems' names."""
 
+    name: str
     problem: Problem
-    leaf: bool
-    children: tuple[str, ...]
     waits: tuple[tuple[tuple[str, str], Problem], ...]
     counts: tuple[tuple[str, str], ...]
+    children: tuple[str, ...]
 
 
-def _schedule_plan(graph: ProgramGraph, by_name: Mapping[str, Problem]) -> dict[str, _PlanEntry]:
+def _schedule_plan(graph: ProgramGraph, by_name: Mapping[str, Problem]) -> tuple[_PlanEntry, ...]:
     """The schedule's per-problem lookups, in the graph's bottom-up order (the order in
     which ``train_step`` visits the problems)."""
-    return {
-        name: _PlanEntry(
+    return tuple(
+        _PlanEntry(
+            name=name,
             problem=by_name[name],
-            leaf=graph.is_leaf(name),
-            children=tuple(graph.children[name]),
             waits=tuple(((name, c), by_name[c]) for c in graph.children[name]),
             counts=tuple((u, name) for u in graph.parents[name]),
+            children=tuple(graph.children[name]),
         )
         for name in graph.order
-    }
+    )
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -104,6 +104,7 @@ class Problem:
         self._prepares = False
         self._plain_loss = False
         self._lean = False
+        self._direct = False
         self._planned_config: Config | None = None
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
         self.comm: Communicator | None = None
@@ -353,6 +354,11 @@ class Problem:
         # ... and nothing else between the gradient and the optimizer: ``_step_on``'s lean path
         self._lean = (self._plain_loss and self._scaler is None and not self._hooks
                       and not self._prepares and self.config.gradient_clipping is None)
+        # ... one batch a step, nothing read, no roll-back, and none of the steps that
+        # ``step`` then skips replaced by a subclass: ``step`` goes to ``_plain_step``
+        self._direct = (self._lean and not self._reads and not self.config.roll_back
+                        and self.config.gradient_accumulation == 1
+                        and not any(_overrides(self, h) for h in _DIRECT_SKIPS))
 
     def _method_prepares(self) -> bool:
         """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
@@ -450,6 +456,11 @@ class Problem:
         of their gradients (each micro-batch is differentiated on its own), the
         hypergradient once on the mean vectors, then clipping and one optimizer step.
         """
+        if self._direct and self.config is self._planned_config and self.comm is None:
+            # the common case, written out (it runs at every step): see ``_plain_step``
+            batch = self.cur_batch = self.get_batch()
+            self._plain_step(batch, self._trainable.current(self.module))
+            return
         self._step_on(self._draw_batches())
 
     def _step_on(self, batches: list[Any]) -> None:
@@ -458,13 +469,13 @@ class Problem:
             self._fix_config_plan()
         params = self.trainable_parameters()
         if self._lean and self.comm is None and len(batches) == 1:
-            # the common case, written out (it runs at every step): fp32, one micro-batch,
-            # no view of another problem, no hook, clipping or loss scaling (a problem that
-            # reads others may capture their linear layers: ``_single_batch_gradients``)
-            own, vectors = (self._single_batch_gradients(batches[0], params) if self._reads
-                            else self._raw_gradients(
-                                self._loss_of(self.training_step(batches[0]), record=True),
-                                params))
+            # fp32, one micro-batch, no view of another problem, no hook, clipping or loss
+            # scaling (a problem that reads others may capture their linear layers:
+            # ``_single_batch_gradients``)
+            if not self._reads:
+                self._plain_step(batches[0], params)
+                return
+            own, vectors = self._single_batch_gradients(batches[0], params)
             if vectors:
                 torch._foreach_add_(own, self._hypergradient(vectors, params))
             for p, g in zip(params, own):
@@ -507,6 +518,23 @@ class Problem:
             self._step_scheduler()
         if "param_callback" in hooks:
             self.param_callback(params)
+        for p in params:
+            p.grad = None
+        self.count += 1
+
+    def _plain_step(self, batch: Any, params: list[Tensor]) -> None:
+        """The lean step of a problem that reads no other (fp32, one batch, no view, hook,
+        clipping, loss scaling or data parallelism): loss, ∂L/∂θ (zeros for an unused
+        parameter), optimizer and scheduler step. Written out, without the general path's
+        helpers: on small models its bookkeeping is a measurable part of the step."""
+        loss = self._loss_of(self.training_step(batch), record=True)
+        if params:
+            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                p.grad = (g if g is not None and g.is_contiguous()
+                          else torch.zeros_like(p) if g is None else g.contiguous())
+        self.custom_optimizer_step()
+        if self.scheduler is not None:
+            self._step_scheduler()
         for p in params:
             p.grad = None
         self.count += 1
@@ -682,7 +710,8 @@ class Problem:
     def _loss_of(self, out: Any, record: bool = False) -> Tensor:
         if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
             if record:
-                self.last_metrics = {}
+                if self.last_metrics:
+                    self.last_metrics = {}
                 loss = out.detach()  # (``_widened``, written out: it runs at every step)
                 self.last_loss = loss.float() if loss.dtype in _HALF else loss
             return out
@@ -893,6 +922,9 @@ class ImplicitProblem(Problem):
 
 #: hooks of the step that the step calls only when a problem overrides them
 _STEP_HOOKS = ("grad_callback", "param_callback")
+#: the methods ``step``'s direct path (``_plain_step``) goes around: a subclass replacing one
+#: takes the general path
+_DIRECT_SKIPS = ("_draw_batches", "_step_on", "trainable_parameters")
 
 
 def _overrides(problem: Problem, hook: str, base: type[Problem] = Problem) -> bool:
