@@ -418,3 +418,59 @@ def test_engine_program_agrees_with_dense(monkeypatch: pytest.MonkeyPatch,
     ref = reweighting_run(method)
     assert max(seen) == 0
     assert rel(got, ref) < TOL
+
+
+# --- dot products of sums whose terms cancel ------------------------------------------------
+
+
+def test_dot_of_a_cancelled_sum_is_formed_as_a_matrix() -> None:
+    """r = v − v' with v' = v + δ (as a CG residual near convergence): the Gram product of
+    the factors is noise at ‖r‖² ≈ 1e-20 ‖v‖², ``linalg.dot`` forms the matrix instead."""
+    gen = torch.Generator().manual_seed(3)
+    x, d = torch.randn(3, 30, generator=gen), torch.randn(3, 40, generator=gen)
+    like = torch.empty(40, 30)
+    delta = 1e-10 * torch.randn(3, 40, generator=gen)
+    v = FactorSum({("v", 0): (x, d, True)}, None, like)
+    ap = FactorSum({("h", 0): (x.clone(), d + delta, True)}, None, like)  # another slot
+    r = v.copy().add_(ap, -1.0)
+    # (d − fl(d + δ) is exact; forming r costs ~1e-16 ‖v‖ per entry, 1e-6 of ‖r‖ here, as
+    # the dense CG's r = v − αAp would)
+    exact = float(((d - (d + delta)).t().mm(x)).pow(2).sum())
+    value, error = r.dot_and_error(r)
+    assert abs(float(value) - exact) > 0.5 * exact  # the factored value is noise here,
+    assert float(error) > 1e-3 * exact  # its error estimate says so ...
+    got = float(linalg.dot([r], [r]))
+    assert abs(got - exact) < 1e-5 * exact  # ... and linalg.dot does not use it
+    plain = random_sum(5)  # no cancellation: the factored value stands
+    square = float(plain.dense().pow(2).sum())
+    assert abs(float(linalg.dot([plain], [plain])) - square) < 1e-12 * square
+
+
+@pytest.mark.parametrize("method", [zg.CG(iterations=3, damping=0.1), zg.CG(iterations=3),
+                                    zg.CG(iterations=4, tol=1e-10)], ids=repr)
+def test_cg_past_convergence_against_the_closed_form(monkeypatch: pytest.MonkeyPatch,
+                                                     method: zg.CG) -> None:
+    """L_in = softplus(s) Σ‖p‖² on an MLP: H = 2 softplus(s) I, so CG converges in one
+    iteration and its later ones run on a residual whose factored terms cancel. The result
+    is the closed form −2σ(s) <θ, v> / (2 softplus(s) + damping) for v with factored
+    weight entries (with the Gram dot alone, 9 of these 40 v were off by 5x to 2700x)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    s = torch.tensor(-1.0, requires_grad=True)
+    params = list(net.parameters())
+    worst = 0.0
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        v: list[Any] = [factored.LinearFactors(torch.randn(4, 40, generator=gen),
+                                               0.1 * torch.randn(4, 64, generator=gen),
+                                               None, params[0].shape)]
+        v += [0.1 * torch.randn(p.shape, generator=gen) for p in params[1:]]
+        obj = zg.InnerObjective(params, [s], lambda: F.softplus(s) * sum(
+            p.pow(2).sum() for p in params))
+        assert method.accepts_factors(obj)
+        (got,) = method(obj, v)
+        dense_v = factored.densify(v)
+        exact = (-2 * torch.sigmoid(s) * sum((p * x).sum() for p, x in zip(params, dense_v))
+                 / (2 * F.softplus(s) + method.damping))
+        worst = max(worst, abs(float(got) - float(exact)) / abs(float(exact)))
+    assert worst < 1e-12

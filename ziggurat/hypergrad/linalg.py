@@ -49,11 +49,46 @@ def _dot1(x: Tensor | FactorSum, y: Tensor | FactorSum) -> Tensor:
     return torch.vdot(x.reshape(-1), y.reshape(-1))
 
 
+#: the relative error, in units of the dtype's ε, that a dot product with factored entries
+#: may carry (estimated, see ``FactorSum.dot_and_error``): past it the entries whose error
+#: is too large are formed as matrices and multiplied as such
+FACTORED_DOT_RTOL = 1e4
+
+
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Σ_i <x_i, y_i> as a 0-dim tensor (in the dtype of the inputs)."""
+    """Σ_i <x_i, y_i> as a 0-dim tensor (in the dtype of the inputs).
+
+    Entries kept as factors are multiplied through their factors while the estimated
+    rounding error of the sum stays below ``FACTORED_DOT_RTOL``·ε of its value, and as
+    matrices where it would not (a solver's residual whose factored terms have cancelled:
+    the factored value would be noise). That check is one host sync."""
     if len(xs) == 0:
         return torch.zeros(())
-    return torch.stack([_dot1(x, y) for x, y in zip(xs, ys)]).sum()
+    if not _any_factored(xs, ys):
+        return torch.stack([_dot1(x, y) for x, y in zip(xs, ys)]).sum()
+    parts: list[Tensor] = []
+    errors: dict[int, Tensor] = {}
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if isinstance(x, FactorSum) or isinstance(y, FactorSum):
+            part, errors[i] = (x.dot_and_error(y) if isinstance(x, FactorSum)
+                               else y.dot_and_error(x))
+            parts.append(part)
+        else:
+            parts.append(_dot1(x, y))
+    total = torch.stack(parts).sum()
+    limit = FACTORED_DOT_RTOL * torch.finfo(total.dtype).eps * total.abs()
+    estimates = torch.stack(list(errors.values()))
+    if bool(estimates.sum() <= limit):
+        return total
+    share = limit / len(errors)  # each entry over its share of the allowance is formed
+    for (i, _), over in zip(errors.items(), (estimates > share).tolist()):
+        if over:
+            parts[i] = torch.vdot(_matrix(xs[i]).reshape(-1), _matrix(ys[i]).reshape(-1))
+    return torch.stack(parts).sum()
+
+
+def _matrix(x: Tensor | FactorSum) -> Tensor:
+    return x.dense() if isinstance(x, FactorSum) else x
 
 
 def norm(xs: Sequence[Tensor]) -> Tensor:

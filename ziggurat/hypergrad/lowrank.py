@@ -18,6 +18,7 @@ smaller than the matrix and the sum collapses into R (``add_``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 
 import torch
@@ -120,25 +121,63 @@ class FactorSum:
         return rows.new_zeros(rows.shape[0], self.shape[1]) if out is None else out
 
     def dot(self, other: FactorSum | Tensor) -> Tensor:
-        """The Frobenius inner product <M, other> as a 0-dim tensor."""
+        """The Frobenius inner product <M, other> as a 0-dim tensor, from the factors (see
+        ``dot_and_error`` for how far to trust it; ``linalg.dot`` checks)."""
+        return self.dot_and_error(other)[0]
+
+    def dot_and_error(self, other: FactorSum | Tensor) -> tuple[Tensor, Tensor]:
+        """<M, other> from the factors, and an estimate of its rounding error.
+
+        The factored product sums Gram entries (Δ_s·Δ'_t)(X_s·X'_t) whose rounding error is
+        relative to the factors' sizes, not to the result: when the terms of a sum cancel
+        (a Krylov residual r = v − αAp near convergence), the value can be all noise. Each
+        Gram entry's error is taken as √k·ε·‖row‖‖row'‖ (k the summed length), which gives
+        √k·ε·(aᵀ|G_X|a' + bᵀ|G_Δ|b') for row norms a (of Δ), b (of X); a dense part
+        <R, T> adds √(numel)·ε·‖R‖‖T‖."""
+        eps = torch.finfo(self.dtype).eps
+        out_features, in_features = self.shape
         mine = self._stacked()
         total: Tensor | None = None
+        error: Tensor | None = None
+
+        def add(value: Tensor, err: Tensor) -> None:
+            nonlocal total, error
+            total = value if total is None else total + value
+            error = err if error is None else error + err
+
         if isinstance(other, Tensor):
             if mine is not None:  # <Δᵀ X, T> = Σ Δ ⊙ (X Tᵀ)
-                total = (mine[0].mm(other.t()) * mine[1]).sum()
+                xt = mine[0].mm(other.t())
+                add((xt * mine[1]).sum(),
+                    math.sqrt(in_features) * eps * _row_norms(mine[1]).dot(_row_norms(mine[0]))
+                    * torch.linalg.vector_norm(other))
             if self.rest is not None:
-                part = torch.vdot(self.rest.reshape(-1), other.reshape(-1))
-                total = part if total is None else total + part
+                add(*_dense_dot(self.rest, other, eps))
         else:
             theirs = other._stacked()
             if mine is not None and theirs is not None:
-                total = (mine[1].mm(theirs[1].t()) * mine[0].mm(theirs[0].t())).sum()
+                g_d, g_x = mine[1].mm(theirs[1].t()), mine[0].mm(theirs[0].t())
+                a, a2 = _row_norms(mine[1]), _row_norms(theirs[1])
+                b, b2 = _row_norms(mine[0]), _row_norms(theirs[0])
+                add((g_d * g_x).sum(),
+                    eps * (math.sqrt(in_features) * a.dot(g_x.abs().mv(a2))
+                           + math.sqrt(out_features) * b.dot(g_d.abs().mv(b2))))
             if other.rest is not None and mine is not None:
-                part = (mine[0].mm(other.rest.t()) * mine[1]).sum()
-                total = part if total is None else total + part
+                add(*FactorSum(self.terms, None, self).dot_and_error(other.rest))
             if self.rest is not None:
-                part = other.dot(self.rest)
-                total = part if total is None else total + part
-        if total is None:
-            return torch.zeros((), dtype=self.dtype, device=self.device)
-        return total
+                add(*other.dot_and_error(self.rest))
+        if total is None or error is None:
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            return zero, zero
+        return total, error
+
+
+def _row_norms(m: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(m, dim=1)
+
+
+def _dense_dot(x: Tensor, y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """<x, y> of two matrices, and its rounding-error estimate √(numel)·ε·‖x‖‖y‖."""
+    return (torch.vdot(x.reshape(-1), y.reshape(-1)),
+            math.sqrt(x.numel()) * eps * torch.linalg.vector_norm(x)
+            * torch.linalg.vector_norm(y))
