@@ -376,15 +376,30 @@ def test_engine_and_problem_attribute_access() -> None:
     assert engine.inner is inner
     assert outer.inner is inner
     assert inner.outer is outer
+    assert "outer" in vars(engine) and "inner" in vars(outer)  # plain instance attributes
+    assert not hasattr(zg.Engine, "__getattr__") and not hasattr(zg.Problem, "__getattr__")
     with pytest.raises(AttributeError, match=r"'Engine' object has no attribute 'nowhere'"):
         _ = engine.nowhere
-    # a problem does not reach itself by its own name; the message lists the others
+    with pytest.raises(AttributeError, match="has no attribute 'outer'"):
+        _ = outer.outer  # a problem does not reach itself by its own name
+
+
+def test_a_missing_attribute_in_a_training_step_names_the_problem_and_the_program() -> None:
+    outer = quad_problem("outer", reads=("inner",))
+    inner = quad_problem("inner", parents=("outer",))
+    inner._training_step_fn = lambda p, batch: p.outr().sum()
+    engine = zg.Engine([outer, inner], zg.chain(outer, inner))
     with pytest.raises(AttributeError) as info:
-        _ = outer.outer
+        engine.train_step()
     msg = str(info.value)
-    assert "problem 'outer'" in msg
-    assert "no attribute 'outer'" in msg
-    assert "problems in the program: ['inner']" in msg
+    assert "problem 'inner'" in msg
+    assert "no attribute 'outr'" in msg
+    assert "problems in the program: ['outer']" in msg
+    assert info.traceback[-1].name == "<lambda>"  # raised where the user wrote it
+    # an AttributeError about anything else is left as it was
+    inner._training_step_fn = lambda p, batch: p.module.nowhere
+    with pytest.raises(AttributeError, match=r"^'Vec' object has no attribute 'nowhere'$"):
+        engine.train_step()
 
 
 def test_structure_properties_before_engine() -> None:

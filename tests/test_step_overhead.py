@@ -488,8 +488,7 @@ def test_other_problems_are_attributes_that_follow_the_program() -> None:
     alone = Quad("alone", lowers=["lower"])
     zg.Engine([alone, lower], zg.chain(alone, lower))
     assert lower.alone is alone
-    with pytest.raises(AttributeError, match=r"no attribute 'upper'; problems in the "
-                                             r"program: \['alone'\]"):
+    with pytest.raises(AttributeError, match=r"no attribute 'upper'"):
         _ = lower.upper
     assert "upper" not in lower._attribute_names() and "alone" not in lower._attribute_names()
     assert "training_step" in lower._attribute_names()

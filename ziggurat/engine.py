@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
@@ -24,7 +24,7 @@ from .errors import ConfigError, GraphError, ZigguratError
 from .graph import DependencySpec, ProgramGraph, build_graph
 from .logging import MetricRecord, MetricsStream, Progress, make_sinks
 from .parallel import DataParallel, select_state
-from .problem import Problem
+from .problem import Problem, explain_missing_attribute
 from .render import summary
 
 
@@ -76,12 +76,18 @@ class Engine:
         lookups the schedule needs (leaves, children, counter keys) are taken here, once,
         not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
+        # (the engine's own problem attributes, from an earlier wiring, are taken off first)
+        for name, problem in self.__dict__.get("_reached", {}).items():
+            if self.__dict__.get(name) is problem:
+                del self.__dict__[name]
         reserved = ({attr for p in self.problems for attr in p._attribute_names()}
                     | set(dir(self)) | {"graph"})
         graph = build_graph(self.problems, dependencies, reserved)
         _check_levels(self.problems, graph)
         self.graph: ProgramGraph = graph
         self._by_name = {p.name: p for p in self.problems}
+        self._reached = dict(self._by_name)  # engine.<name>: a plain instance attribute
+        self.__dict__.update(self._reached)
         for p in self.problems:
             p.attach(self.graph, self._by_name)
         # counted steps of each lower problem since each of its upper problems last stepped
@@ -89,11 +95,9 @@ class Engine:
         self._unroll_open = {n: False for n in self.graph.names}
         self._plan = _schedule_plan(self.graph, self._by_name)
 
-    def __getattr__(self, item: str) -> Any:
-        by_name = self.__dict__.get("_by_name")
-        if by_name is not None and item in by_name:
-            return by_name[item]
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{item}'")
+    if TYPE_CHECKING:  # problems are instance attributes (``set_dependency``); at run
+        # time the class has no __getattr__, which would slow every attribute read
+        def __getattr__(self, item: str) -> Any: ...
 
     # ----------------------------------------------------------------- schedule
     def train_step(self) -> list[str]:
@@ -101,6 +105,13 @@ class Engine:
 
         (Written out in one loop: it runs at every iteration, and on small models its
         bookkeeping is a measurable part of the step.)"""
+        try:
+            return self._train_step()
+        except AttributeError as err:  # a misspelt name in a training_step, say
+            explain_missing_attribute(err)
+            raise
+
+    def _train_step(self) -> list[str]:
         stepped: list[str] = []
         finished: list[str] = []
         pending, unroll_open = self._pending, self._unroll_open

@@ -132,15 +132,9 @@ class Problem:
         """The problem's unique name."""
         return self._name
 
-    def __getattr__(self, item: str) -> Any:
-        others = self.__dict__.get("_others")
-        if others is not None and item in others:
-            return others[item]
-        raise AttributeError(
-            f"'{type(self).__name__}' object (problem '{self.__dict__.get('_name', '?')}') has "
-            f"no attribute '{item}'"
-            + (f"; problems in the program: {sorted(others)}" if others else "")
-        )
+    if TYPE_CHECKING:  # other problems are instance attributes (``attach``); at run time
+        # the class has no __getattr__, which would keep CPython from specialising reads
+        def __getattr__(self, item: str) -> Any: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -329,9 +323,9 @@ class Problem:
         after the problem joined an Engine is seen at the next ``set_dependency``, or when
         ``config`` is replaced).
 
-        The other problems become instance attributes (``self.<name>``), so that reaching
-        one in ``training_step`` is a plain lookup rather than a failed one followed by
-        ``__getattr__`` (which stays as the fallback); ``_attribute_names`` leaves them out."""
+        The other problems become instance attributes (``self.<name>``), reached by a plain
+        lookup (the class has no ``__getattr__``, so CPython specialises every attribute
+        read of a problem); ``_attribute_names`` leaves them out."""
         for n, other in self._reached.items():  # set by an earlier attach
             if self.__dict__.get(n) is other:
                 del self.__dict__[n]
@@ -952,3 +946,18 @@ _HALF = (torch.float16, torch.bfloat16)
 def _widened(loss: Tensor) -> Tensor:
     """``loss`` in float32 when it is half precision, else itself."""
     return loss.float() if loss.dtype in _HALF else loss
+
+
+def explain_missing_attribute(err: AttributeError) -> None:
+    """Name the problem and the other problems of its program in an AttributeError that a
+    problem raised for a missing attribute (``self.<typo>`` in a training step); in place,
+    so the traceback stays. Other errors are left as they are."""
+    problem = getattr(err, "obj", None)
+    if (not isinstance(problem, Problem) or not isinstance(err.name, str)
+            or getattr(err, "_ziggurat_explained", False)):
+        return
+    others = sorted(problem._others)
+    err.args = (f"'{type(problem).__name__}' object (problem '{problem.name}') has no "
+                f"attribute '{err.name}'"
+                + (f"; problems in the program: {others}" if others else ""),)
+    err._ziggurat_explained = True  # type: ignore[attr-defined]
