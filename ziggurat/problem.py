@@ -474,12 +474,7 @@ class Problem:
                 torch._foreach_add_(own, self._hypergradient(vectors, params))
             for p, g in zip(params, own):
                 p.grad = g
-            self.custom_optimizer_step()
-            if self.scheduler is not None:
-                self._step_scheduler()
-            for p in params:
-                p.grad = None
-            self.count += 1
+            self._lean_update(params)
             return
         if self._plain_loss and self._scaler is None and len(batches) == 1:
             own, vectors = self._single_batch_gradients(batches[0], params)
@@ -526,6 +521,11 @@ class Problem:
             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
                 p.grad = (g if g is not None and g.is_contiguous()
                           else torch.zeros_like(p) if g is None else g.contiguous())
+        self._lean_update(params)
+
+    def _lean_update(self, params: list[Tensor]) -> None:
+        """The lean paths' end, gradients in ``p.grad``: optimizer and scheduler step, the
+        gradients dropped, the step counted (no hook in between: see ``_step_on``)."""
         self.custom_optimizer_step()
         if self.scheduler is not None:
             self._step_scheduler()
