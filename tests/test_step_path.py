@@ -259,3 +259,69 @@ def test_engine_progress_line_shows_the_last_losses(capsys: pytest.CaptureFixtur
     for p in (upper, lower):
         assert p.last_loss is not None
         assert f"{p.name}/loss=" in last or f"{p.name}=" in last
+
+
+# ----------------------------------------------------------- the direct step path's limits
+def test_a_config_replaced_while_the_batch_is_drawn_is_followed_at_that_step() -> None:
+    """An epoch_callback runs inside the draw; its clipping applies to the step it drew for
+    (∇ = (−2, 2) clipped to norm 1e-6 moves θ by 0.5e-6, unclipped by 0.5·2√2)."""
+
+    class Clipping(Single):
+        def epoch_callback(self) -> None:
+            self.config = zg.Config(gradient_clipping=1e-6)
+
+    p = single(Clipping)
+    p.train_data_loader = [None] * 2  # a pass of two batches: the callback at the third
+    engine = zg.Engine([p])
+    moves = []
+    for _ in range(3):
+        before = p.module.theta.detach().clone()
+        engine.train_step()
+        moves.append(float((p.module.theta - before).norm()))
+    assert p.epoch == 1 and moves[0] > 0.1 and moves[1] > 0.01
+    assert moves[2] == pytest.approx(0.5e-6, rel=1e-9)
+
+
+def test_roll_back_switched_off_inside_an_unroll_still_replays_every_step() -> None:
+    """The unroll's snapshot was taken with roll_back on: all three steps are recorded and
+    retaken after the upper step, as with roll_back kept on all along."""
+
+    def program(switch_off: bool) -> torch.Tensor:
+        upper = Quad("upper", lowers=["lower"])
+        lower = Quad("lower", uppers=["upper"],
+                     config=zg.Config(type="darts", roll_back=True, unroll_steps=3))
+        engine = zg.Engine([upper, lower], zg.chain(upper, lower))
+        engine.train_step()
+        if switch_off:
+            lower.config = zg.Config(type="darts", roll_back=False, unroll_steps=3)
+        engine.train_step()
+        engine.train_step()
+        return lower.module.theta.detach().clone()
+
+    assert torch.equal(program(True), program(False))
+
+
+def test_trainable_parameters_replaced_on_the_instance_after_set_up_is_followed() -> None:
+    p = single(Single)
+    engine = zg.Engine([p])
+    p.trainable_parameters = lambda: []  # type: ignore[method-assign]
+    engine.train_step()
+    assert p.module.theta.tolist() == [1.0, 1.0] and p.count == 1
+
+
+def test_a_problem_outside_a_program_refuses_to_step() -> None:
+    p = single(Single)
+    p.initialize()
+    with pytest.raises(zg.ZigguratError, match="not part of an Engine"):
+        p.step()
+    assert p.module.theta.tolist() == [1.0, 1.0]
+
+
+def test_a_rewiring_that_fails_leaves_the_engine_as_it_was() -> None:
+    upper = Quad("upper", lowers=["lower"])
+    lower = Quad("lower", uppers=["upper"])
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower))
+    with pytest.raises(zg.GraphError):
+        engine.set_dependency(zg.chain(upper, "nobody"))
+    assert engine.upper is upper and engine.lower is lower
+    assert engine.train_step() == ["lower", "upper"]

@@ -76,14 +76,16 @@ class Engine:
         lookups the schedule needs (leaves, children, counter keys) are taken here, once,
         not at every iteration."""
         # problems are reached as problem.<name> and engine.<name>: no attribute may clash
-        # (the engine's own problem attributes, from an earlier wiring, are taken off first)
-        for name, problem in self.__dict__.get("_reached", {}).items():
-            if self.__dict__.get(name) is problem:
-                del self.__dict__[name]
+        # (the engine's own problem attributes, from an earlier wiring, do not count; they
+        # are replaced only once the new wiring has passed its checks)
+        own = {n for n, p in self.__dict__.get("_reached", {}).items()
+               if self.__dict__.get(n) is p}
         reserved = ({attr for p in self.problems for attr in p._attribute_names()}
-                    | set(dir(self)) | {"graph"})
+                    | (set(dir(self)) - own) | {"graph"})
         graph = build_graph(self.problems, dependencies, reserved)
         _check_levels(self.problems, graph)
+        for name in own:
+            del self.__dict__[name]
         self.graph: ProgramGraph = graph
         self._by_name = {p.name: p for p in self.problems}
         self._reached = dict(self._by_name)  # engine.<name>: a plain instance attribute

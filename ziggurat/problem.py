@@ -347,7 +347,8 @@ class Problem:
         self._plain_loss = self.config.precision == "fp32" and not self._viewers
         # ... and nothing else between the gradient and the optimizer: ``_step_on``'s lean path
         self._lean = (self._plain_loss and self._scaler is None and not self._hooks
-                      and not self._prepares and self.config.gradient_clipping is None)
+                      and not self._prepares and self.config.gradient_clipping is None
+                      and self._graph is not None)  # (outside a program: the error)
         # ... one batch a step, nothing read, no roll-back, and none of the steps that
         # ``step`` then skips replaced by a subclass: ``step`` goes to ``_plain_step``
         self._direct = (self._lean and not self._reads and not self.config.roll_back
@@ -450,10 +451,13 @@ class Problem:
         of their gradients (each micro-batch is differentiated on its own), the
         hypergradient once on the mean vectors, then clipping and one optimizer step.
         """
-        if self._direct and self.config is self._planned_config and self.comm is None:
+        if self._direct and self.comm is None and self._snapshot is None:
             # the common case, written out (it runs at every step): see ``_plain_step``
             batch = self.cur_batch = self.get_batch()
-            self._plain_step(batch, self._trainable.current(self.module))
+            if self.config is self._planned_config:  # (also after an epoch_callback)
+                self._plain_step(batch, self.trainable_parameters())
+            else:
+                self._step_on([batch])
             return
         self._step_on(self._draw_batches())
 
@@ -704,8 +708,7 @@ class Problem:
     def _loss_of(self, out: Any, record: bool = False) -> Tensor:
         if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
             if record:
-                if self.last_metrics:
-                    self.last_metrics = {}
+                self.last_metrics = {}
                 loss = out.detach()  # (``_widened``, written out: it runs at every step)
                 self.last_loss = loss.float() if loss.dtype in _HALF else loss
             return out
@@ -918,7 +921,7 @@ class ImplicitProblem(Problem):
 _STEP_HOOKS = ("grad_callback", "param_callback")
 #: the methods ``step``'s direct path (``_plain_step``) goes around: a subclass replacing one
 #: takes the general path
-_DIRECT_SKIPS = ("_draw_batches", "_step_on", "trainable_parameters")
+_DIRECT_SKIPS = ("_draw_batches", "_step_on")
 
 
 def _overrides(problem: Problem, hook: str, base: type[Problem] = Problem) -> bool:

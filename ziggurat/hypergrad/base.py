@@ -14,6 +14,7 @@ finite difference of ∇_λ L_in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -570,7 +571,9 @@ def _with_loss(objective: InnerObjective, loss: Callable[[], Tensor]) -> InnerOb
     """A shallow copy of ``objective`` (its class kept) with another ``loss``; the same as
     ``dataclasses.replace(objective, loss=loss)`` for these fields, without its field
     introspection at every hypergradient call."""
-    copy = object.__new__(type(objective))
+    if type(objective) is not InnerObjective:  # a subclass may have slots or be frozen
+        return dataclasses.replace(objective, loss=loss)
+    copy = object.__new__(InnerObjective)
     copy.__dict__.update(objective.__dict__)
     copy.loss = loss
     return copy

@@ -159,9 +159,10 @@ class FactorSum:
                 g_d, g_x = mine[1].mm(theirs[1].t()), mine[0].mm(theirs[0].t())
                 a, a2 = _row_norms(mine[1]), _row_norms(theirs[1])
                 b, b2 = _row_norms(mine[0]), _row_norms(theirs[0])
+                # (G_Δ sums over out: its error meets |G_X|; G_X's over in meets |G_Δ|)
                 add((g_d * g_x).sum(),
-                    eps * (math.sqrt(in_features) * a.dot(g_x.abs().mv(a2))
-                           + math.sqrt(out_features) * b.dot(g_d.abs().mv(b2))))
+                    eps * (math.sqrt(out_features) * a.dot(g_x.abs().mv(a2))
+                           + math.sqrt(in_features) * b.dot(g_d.abs().mv(b2))))
             if other.rest is not None and mine is not None:
                 add(*FactorSum(self.terms, None, self).dot_and_error(other.rest))
             if self.rest is not None:
