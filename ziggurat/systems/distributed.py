@@ -19,6 +19,7 @@ calls :func:`init_distributed`, which joins (or reuses) the default process grou
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,7 +121,17 @@ def init_distributed(strategy: str) -> Communicator:
             torch.cuda.set_device(device)
         timeout = timedelta(seconds=float(os.environ.get(_TIMEOUT_VAR, "1800")))
         dist.init_process_group(backend, timeout=timeout)
+        atexit.register(_destroy_own_group)
     return Communicator(env.rank, env.world_size, device, backend, strategy)
+
+
+def _destroy_own_group() -> None:
+    """At interpreter exit, shut down the process group ziggurat initialised (a program
+    written for Betty never does): left to the C++ static destructors, gloo's threads can
+    end the process with ``terminate called without an active exception`` (SIGABRT) after
+    a successful run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device() -> torch.device:
