@@ -10,6 +10,7 @@ hand-written PyTorch loop doing the same arithmetic (same optimizers, same autog
 for Betty 0.2.1 and TorchOpt 0.7.3 when installed; median of --repeats, timed in alternation.
 
     python benchmarks/overhead.py
+    python benchmarks/overhead.py --parts   # + where ziggurat's overhead sits
     python benchmarks/overhead.py --quick
 """
 
@@ -19,6 +20,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +88,8 @@ def hand_written(d: Data, device: str, unroll: int) -> Callable[[], None]:
     return outer_iteration
 
 
-def ziggurat_loop(d: Data, device: str, unroll: int) -> Callable[[], None]:
+def ziggurat_program(d: Data, device: str, unroll: int) -> object:
+    """The program as a ziggurat ``Engine`` (upper problem "decay", lower "model")."""
     import ziggurat as zg
 
     model, decay = models(device)
@@ -99,14 +102,38 @@ def ziggurat_loop(d: Data, device: str, unroll: int) -> Callable[[], None]:
         name="decay", module=decay, optimizer=torch.optim.Adam(decay.parameters(), lr=0.01),
         train_data_loader=[(d.xv, d.yv)],
         training_step=lambda p, b: F.binary_cross_entropy_with_logits(p.model(b[0]), b[1]))
-    engine = zg.Engine([upper, lower], zg.chain(upper, lower),
-                       zg.EngineConfig(train_iters=1, summary=False, progress="off"))
+    return zg.Engine([upper, lower], zg.chain(upper, lower),
+                     zg.EngineConfig(train_iters=1, summary=False, progress="off"))
+
+
+def ziggurat_loop(d: Data, device: str, unroll: int) -> Callable[[], None]:
+    engine: Any = ziggurat_program(d, device, unroll)
 
     def outer_iteration() -> None:
         for _ in range(unroll):
             engine.train_step()
 
     return outer_iteration
+
+
+def ziggurat_parts(d: Data, device: str, unroll: int) -> list[tuple[str, Callable[[], None]]]:
+    """Where ziggurat's overhead sits (``--parts``): ``unroll`` lower steps through
+    ``Problem.step`` alone, and through ``Engine.train_step`` with an upper problem that
+    never becomes ready (the schedule's bookkeeping without the upper step)."""
+    alone: Any = ziggurat_program(d, device, unroll)
+    lower = alone.model
+    never: Any = ziggurat_program(d, device, 10**9)
+
+    def lower_steps() -> None:
+        for _ in range(unroll):
+            lower.step()
+
+    def scheduled_steps() -> None:
+        for _ in range(unroll):
+            never.train_step()
+
+    return [("ziggurat, lower steps alone", lower_steps),
+            ("ziggurat, scheduled lower steps", scheduled_steps)]
 
 
 def betty_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | None:
@@ -203,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: a small model)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 10 steps, 2 repeats")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time ziggurat's lower steps alone and scheduled without "
+                             "the upper step (where its overhead sits)")
     args = parser.parse_args(argv)
     if args.quick:
         args.unroll, args.repeats = 10, 2
@@ -211,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     d = Data(args.device)
     labels, fns = ["hand-written", "ziggurat"], [hand_written(d, args.device, args.unroll),
                                                  ziggurat_loop(d, args.device, args.unroll)]
+    if args.parts:
+        for label, fn in ziggurat_parts(d, args.device, args.unroll):
+            labels.append(label)
+            fns.append(fn)
     betty = betty_loop(d, args.device, args.unroll)
     if betty is not None:
         labels.append("betty 0.2.1")

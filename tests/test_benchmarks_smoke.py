@@ -48,9 +48,11 @@ def test_a_missing_peer_is_skipped_with_the_install_command(
         assert json.loads(out.out.strip().splitlines()[-1]) == {"skipped": True}
         assert f"skipped {peer}" in out.err and "--ignore-requires-python" in out.err
         assert "torchopt==0.7.3 optree graphviz" in out.err
-    overhead.main(["--quick"])
+    overhead.main(["--quick", "--parts"])
     out = capsys.readouterr()
     assert "| ziggurat |" in out.out
+    assert "| ziggurat, lower steps alone |" in out.out
+    assert "| ziggurat, scheduled lower steps |" in out.out
     for peer in ("betty", "torchopt"):
         assert peer not in out.out and f"skipped {peer}" in out.err
 
