@@ -88,14 +88,15 @@ def hand_written(d: Data, device: str, unroll: int) -> Callable[[], None]:
     return outer_iteration
 
 
-def ziggurat_program(d: Data, device: str, unroll: int) -> object:
-    """The program as a ziggurat ``Engine`` (upper problem "decay", lower "model")."""
+def ziggurat_program(d: Data, device: str, unroll: int, batches: int | None = None) -> object:
+    """The program as a ziggurat ``Engine`` (upper problem "decay", lower "model"; a pass
+    over the lower data is ``batches`` steps, ``unroll`` by default)."""
     import ziggurat as zg
 
     model, decay = models(device)
     lower = zg.ImplicitProblem(
         name="model", module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        train_data_loader=d.epoch(unroll),
+        train_data_loader=d.epoch(unroll if batches is None else batches),
         config=zg.Config(type=zg.Darts(), unroll_steps=unroll),
         training_step=lambda p, b: inner_loss(p.module, p.decay.module, b[0], b[1]))
     upper = zg.ImplicitProblem(
@@ -122,7 +123,7 @@ def ziggurat_parts(d: Data, device: str, unroll: int) -> list[tuple[str, Callabl
     never becomes ready (the schedule's bookkeeping without the upper step)."""
     alone: Any = ziggurat_program(d, device, unroll)
     lower = alone.model
-    never: Any = ziggurat_program(d, device, 10**9)
+    never: Any = ziggurat_program(d, device, 10**9, batches=unroll)
 
     def lower_steps() -> None:
         for _ in range(unroll):
