@@ -11,6 +11,7 @@ for Betty 0.2.1 and TorchOpt 0.7.3 when installed; median of --repeats, timed in
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --parts   # + where ziggurat's overhead sits
+    python benchmarks/overhead.py --copies 3  # each loop built 3 times (memory layout)
     python benchmarks/overhead.py --quick
 """
 
@@ -222,6 +223,18 @@ def torchopt_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | Non
     return outer_iteration
 
 
+def together(loops: list[Callable[[], None]]) -> Callable[[], None]:
+    """One outer iteration of each copy of a loop, as one timed call."""
+    if len(loops) == 1:
+        return loops[0]
+
+    def run() -> None:
+        for loop in loops:
+            loop()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: a small model)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 10 steps, 2 repeats")
+    parser.add_argument("--copies", type=int, default=1,
+                        help="build each loop this many times and time the copies together "
+                             "(averages over where each copy's objects sit in memory: "
+                             "copies of the ziggurat loop differ by up to 4 %%)")
     parser.add_argument("--parts", action="store_true",
                         help="also time ziggurat's lower steps alone and scheduled without "
                              "the upper step (where its overhead sits)")
@@ -240,25 +257,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     d = Data(args.device)
-    labels, fns = ["hand-written", "ziggurat"], [hand_written(d, args.device, args.unroll),
-                                                 ziggurat_loop(d, args.device, args.unroll)]
-    if args.parts:
-        for label, fn in ziggurat_parts(d, args.device, args.unroll):
-            labels.append(label)
-            fns.append(fn)
-    betty = betty_loop(d, args.device, args.unroll)
-    if betty is not None:
-        labels.append("betty 0.2.1")
-        fns.append(betty)
-    torchopt = torchopt_loop(d, args.device, args.unroll)
-    if torchopt is not None:
-        labels.append("torchopt 0.7.3")
-        fns.append(torchopt)
+    built: dict[str, list[Callable[[], None]]] = {}
+    for _ in range(max(1, args.copies)):
+        loops = [("hand-written", hand_written(d, args.device, args.unroll)),
+                 ("ziggurat", ziggurat_loop(d, args.device, args.unroll))]
+        if args.parts:
+            loops += ziggurat_parts(d, args.device, args.unroll)
+        loops += [("betty 0.2.1", betty_loop(d, args.device, args.unroll)),
+                  ("torchopt 0.7.3", torchopt_loop(d, args.device, args.unroll))]
+        for label, fn in loops:
+            if fn is not None:  # (a peer that is not installed)
+                built.setdefault(label, []).append(fn)
+    labels = list(built)
+    fns = [together(built[label]) for label in labels]
     rounds = interleaved_times(fns, args.repeats, args.device, warmup=2)
     times = [statistics.median(t) for t in rounds]
     ratios = median_ratios(rounds)
     print(f"logistic-regression HPO, {args.unroll} lower steps per upper step, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}"
+          + (f", {args.copies} copies of each loop" if args.copies > 1 else ""))
     print("| loop | ms per outer iteration | overhead vs hand-written (median of per-round "
           "ratios) |")
     print("|---|---|---|")
