@@ -162,6 +162,25 @@ def test_hooks_assigned_on_the_instance_are_called() -> None:
     assert seen == [[1.0, 1.0], [1.0, 1.0]]  # zero gradients: θ never moves
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_lean_step_records_the_loss_detached_and_widened(dtype: torch.dtype) -> None:
+    """The lean step's ``last_loss`` is the loss's value before the step (½‖θ − t‖² = 4 at
+    θ = (1, 1)), cut from the graph (no grad_fn, no grad), not written by the step, and
+    float32 for a half-precision loss (``_loss_of``); ``last_metrics`` is empty."""
+    class Cast(Single):
+        def training_step(self, batch: Any) -> torch.Tensor:
+            return super().training_step(batch).to(dtype)
+
+    p = single(Cast)
+    zg.Engine([p]).train_step()
+    loss = p.last_loss
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert loss.dtype == (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    assert loss.item() == 4.0 and p.last_metrics == {}
+    assert p.module.theta.tolist() == [2.0, 0.0]  # the step ran on the same loss
+
+
 def test_a_config_replaced_after_set_up_is_followed() -> None:
     autocast_seen: list[bool] = []
 
