@@ -12,6 +12,7 @@ for Betty 0.2.1 and TorchOpt 0.7.3 when installed; median of --repeats, timed in
     python benchmarks/overhead.py
     python benchmarks/overhead.py --parts   # + where ziggurat's overhead sits
     python benchmarks/overhead.py --copies 3  # each loop built 3 times (memory layout)
+    python benchmarks/overhead.py --against HEAD~1  # + the library at a git ref, same rounds
     python benchmarks/overhead.py --quick
 """
 
@@ -89,10 +90,13 @@ def hand_written(d: Data, device: str, unroll: int) -> Callable[[], None]:
     return outer_iteration
 
 
-def ziggurat_program(d: Data, device: str, unroll: int, batches: int | None = None) -> object:
+def ziggurat_program(d: Data, device: str, unroll: int, batches: int | None = None,
+                     zg: Any = None) -> object:
     """The program as a ziggurat ``Engine`` (upper problem "decay", lower "model"; a pass
-    over the lower data is ``batches`` steps, ``unroll`` by default)."""
-    import ziggurat as zg
+    over the lower data is ``batches`` steps, ``unroll`` by default), built with the
+    package ``zg`` (``ziggurat`` by default; ``--against`` passes an older copy)."""
+    if zg is None:
+        import ziggurat as zg
 
     model, decay = models(device)
     lower = zg.ImplicitProblem(
@@ -108,8 +112,8 @@ def ziggurat_program(d: Data, device: str, unroll: int, batches: int | None = No
                      zg.EngineConfig(train_iters=1, summary=False, progress="off"))
 
 
-def ziggurat_loop(d: Data, device: str, unroll: int) -> Callable[[], None]:
-    engine: Any = ziggurat_program(d, device, unroll)
+def ziggurat_loop(d: Data, device: str, unroll: int, zg: Any = None) -> Callable[[], None]:
+    engine: Any = ziggurat_program(d, device, unroll, zg=zg)
 
     def outer_iteration() -> None:
         for _ in range(unroll):
@@ -223,6 +227,31 @@ def torchopt_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | Non
     return outer_iteration
 
 
+def ziggurat_at(ref: str) -> tuple[str, Any]:
+    """The ``ziggurat`` package as committed at git ``ref``, imported under another name
+    (``git archive`` into a temporary folder; the package's own imports are relative), and
+    the short commit it resolved to."""
+    import importlib
+    import io
+    import subprocess
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=root, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", sha, "ziggurat"], cwd=root, check=True,
+                             capture_output=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="ziggurat-at-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    name = f"ziggurat_{sha}"
+    (folder / "ziggurat").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return sha, importlib.import_module(name)
+
+
 def together(loops: list[Callable[[], None]]) -> Callable[[], None]:
     """One outer iteration of each copy of a loop, as one timed call."""
     if len(loops) == 1:
@@ -248,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="build each loop this many times and time the copies together "
                              "(averages over where each copy's objects sit in memory: "
                              "copies of the ziggurat loop differ by up to 4 %%)")
+    parser.add_argument("--against", metavar="REF",
+                        help="also time the ziggurat loop built with the library as committed "
+                             "at this git ref (a before/after comparison in the same rounds)")
     parser.add_argument("--parts", action="store_true",
                         help="also time ziggurat's lower steps alone and scheduled without "
                              "the upper step (where its overhead sits)")
@@ -257,10 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     d = Data(args.device)
+    against = None if args.against is None else ziggurat_at(args.against)
     built: dict[str, list[Callable[[], None]]] = {}
     for _ in range(max(1, args.copies)):
         loops = [("hand-written", hand_written(d, args.device, args.unroll)),
                  ("ziggurat", ziggurat_loop(d, args.device, args.unroll))]
+        if against is not None:
+            loops.append((f"ziggurat at {args.against} ({against[0]})",
+                          ziggurat_loop(d, args.device, args.unroll, zg=against[1])))
         if args.parts:
             loops += ziggurat_parts(d, args.device, args.unroll)
         loops += [("betty 0.2.1", betty_loop(d, args.device, args.unroll)),
