@@ -441,3 +441,103 @@ def test_sama_adam_product_tiny_gradients_and_half_precision(
             ref = _adam_reference(v, st["exp_avg"], st["exp_avg_sq"], g, lr, b1, b2, eps, t)
             assert out.dtype == dtype
             assert rel_err(out.double(), ref) <= tol, (t, rel_err(out.double(), ref))
+
+
+def _adam_state(shape: tuple[int, ...], amsgrad: bool, seed: int = 7) -> tuple[
+        dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An Adam state at step 4 with never-moved coordinates; (state, m, second, g)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(shape, generator=gen, dtype=DTYPE) * 1e-2
+    sq = torch.rand(shape, generator=gen, dtype=DTYPE) * 1e-4
+    g = torch.randn(shape, generator=gen, dtype=DTYPE) * 1e-2
+    never = torch.zeros(shape, dtype=torch.bool)
+    never[::3, 1] = True
+    for x in (m, sq, g):
+        x.masked_fill_(never, 0.0)
+    state = {"step": torch.tensor(4.0), "exp_avg": m, "exp_avg_sq": sq}
+    second = sq
+    if amsgrad:
+        second = torch.maximum(sq, torch.rand(shape, generator=gen, dtype=DTYPE) * 2e-4)
+        second.masked_fill_(never, 0.0)
+        state["max_exp_avg_sq"] = second
+    return state, m, second, g
+
+
+def _adam_jacobian(m: torch.Tensor, sq: torch.Tensor, second: torch.Tensor, g: torch.Tensor,
+                   lr: float, b1: float, b2: float, eps: float, t: int) -> torch.Tensor:
+    """The module docstring's P (float64), 0 where the second moment is 0."""
+    sqrt_hat = (second / (1 - b2**t)).sqrt()
+    second_term = (m / (1 - b1**t)) * (1 - b2) * g / ((1 - b2**t) * sqrt_hat)
+    second_term = second_term.masked_fill(second != sq, 0.0)  # amsgrad's older maxima
+    jac = lr * ((1 - b1) / (1 - b1**t) * (sqrt_hat + eps) - second_term) / (sqrt_hat + eps) ** 2
+    return jac.masked_fill(second == 0, 0.0)
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled", "compile-fails", "amsgrad"])
+@pytest.mark.parametrize("with_rest", [False, True])
+@pytest.mark.parametrize("rows_per_block", [1, 4, 100])
+def test_sama_adam_product_of_factors_equals_formula(
+        path: str, with_rest: bool, rows_per_block: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """P v_W for v_W = Δᵀ X (+ R) given in factors, formed block by block of rows (a block
+    count that does not divide the rows, one row, all rows) and preconditioned in place by
+    the compiled kernel (or the eager loop: without compiling, after a failed compile with
+    a warning, with amsgrad) equals the formula applied to the formed matrix to 1e-12."""
+    from ziggurat.hypergrad import factored, sama
+
+    shape = (10, 6)
+    monkeypatch.setattr(sama, "FUSED_BLOCK", rows_per_block * shape[1])
+    if path == "eager":
+        monkeypatch.setattr(sama, "COMPILE", False)
+    else:
+        monkeypatch.setattr(sama, "COMPILE_MIN_ELEMENTS", 1)
+    if path == "compile-fails":
+        monkeypatch.setattr(sama, "_compiled", {"kernel_": _failing_kernel})
+    amsgrad = path == "amsgrad"
+    state, m, second, g = _adam_state(shape, amsgrad)
+    gen = torch.Generator().manual_seed(11)
+    inputs = torch.randn(5, shape[1], generator=gen, dtype=DTYPE)
+    grads = torch.randn(5, shape[0], generator=gen, dtype=DTYPE)
+    rest = torch.randn(shape, generator=gen, dtype=DTYPE) if with_rest else None
+    factors = factored.LinearFactors(inputs, grads, rest, torch.Size(shape))
+    lr, b1, b2, eps = 0.01, 0.8, 0.95, 1e-8
+    step = sama.AdamStep(lr, b1, b2, eps, amsgrad, g)
+    if path == "compile-fails":
+        with pytest.warns(RuntimeWarning, match="compiled Adam preconditioner failed"):
+            out = sama.adam_preconditioned_factors(factors, step, state)
+        assert sama._compiled["kernel"] is None  # neither kernel is tried again
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+            out = sama.adam_preconditioned_factors(factors, step, state)
+    dense = grads.t() @ inputs + (rest if rest is not None else 0.0)
+    expected = _adam_jacobian(m, state["exp_avg_sq"], second, g, lr, b1, b2, eps, 4) * dense
+    assert out.shape == shape
+    assert rel_err(out, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_sama_adam_product_in_place(path: str, contiguous: bool,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inplace=True`` writes P v into v (the same storage, also for a non-contiguous v)
+    and equals the formula to 1e-12."""
+    from ziggurat.hypergrad import sama
+
+    if path == "eager":
+        monkeypatch.setattr(sama, "COMPILE", False)
+    else:
+        monkeypatch.setattr(sama, "COMPILE_MIN_ELEMENTS", 1)
+    shape = (7, 3)
+    state, m, second, g = _adam_state(shape, amsgrad=False)
+    gen = torch.Generator().manual_seed(2)
+    v = (torch.randn(shape, generator=gen, dtype=DTYPE) if contiguous
+         else torch.randn(shape[::-1], generator=gen, dtype=DTYPE).t())
+    expected = _adam_jacobian(m, second, second, g, 0.01, 0.8, 0.95, 1e-8, 4) * v
+    step = sama.AdamStep(0.01, 0.8, 0.95, 1e-8, False, g)
+    ptr = v.data_ptr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = sama.adam_preconditioned(v, step, state, inplace=True)
+    assert out is v and v.data_ptr() == ptr
+    assert rel_err(v, expected) <= 1e-12

@@ -199,3 +199,45 @@ def test_sama_sgd_coefficients_uniform_or_per_group(lrs: tuple[float, float]) ->
     for mixed in ("exact", "fd"):
         out = zg.SAMA(mixed=mixed)(obj, [v[:3], v[3:]])[0]  # type: ignore[arg-type]
         assert rel_err(out, expected) <= 1e-10
+
+
+def test_linear_layers_by_hand_equal_double_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward mode computes ``F.linear``'s primal and tangent by hand (x and x_t through W
+    as one product, no product with a missing tangent): a first layer on data, a layer
+    without bias on a 3-D input, a frozen layer (no weight tangent) and a 1-D input equal
+    the double-backward mixed product to 1e-12, and every one took the by-hand path."""
+    from ziggurat.hypergrad import factored
+
+    torch.manual_seed(3)
+    first = torch.nn.Linear(5, 7).double()
+    nobias = torch.nn.Linear(7, 6, bias=False).double()
+    frozen = torch.nn.Linear(6, 4).double().requires_grad_(False)
+    last = torch.nn.Linear(4, 3).double()
+    net = torch.nn.ModuleList([first, nobias, frozen, last])
+    lam = torch.randn(3, dtype=DTYPE, requires_grad=True)
+    x = torch.randn(2, 8, 5, dtype=DTYPE)
+
+    def loss() -> torch.Tensor:
+        h = torch.tanh(first(x))
+        h = torch.tanh(nobias(h))
+        h = torch.tanh(frozen(h))
+        out = last(h)  # (2, 8, 3)
+        one = F.linear(h[0, 0], last.weight, last.bias)  # a 1-D input
+        return (out * lam).pow(2).mean() + (one * lam).sum() * lam.sum()
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    obj = zg.InnerObjective(params, [lam], loss, module=net)
+    v = [torch.randn_like(p) for p in params]
+    calls = {"by_hand": 0}
+    real = factored.FactoredTangents._linear
+
+    def spy(self: Any, *args: Any) -> Any:
+        out = real(self, *args)
+        calls["by_hand"] += out is not None
+        return out
+
+    monkeypatch.setattr(factored.FactoredTangents, "_linear", spy)
+    forward = zg.Darts(mixed="forward")(obj, v)
+    assert calls["by_hand"] == 5
+    exact = zg.Darts(mixed="exact")(obj, v)
+    assert rel_err(_flat(forward), _flat(exact)) <= 1e-12

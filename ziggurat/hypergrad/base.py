@@ -469,8 +469,16 @@ class HypergradMethod(Method, ABC):
         if not factored.ENABLED or objective.reduce is not None:
             return False
         mode = self._mode(objective)
-        return ((self.uniform_scale(objective) is not None and mode in _FORWARD_MODES)
+        scale = self.uniform_scale(objective)
+        return ((scale is not None and mode in _FORWARD_MODES)
+                or (scale is None and self.solves_factors(objective))
                 or self._factored_products(objective, mode))
+
+    def solves_factors(self, objective: InnerObjective) -> bool:
+        """Whether ``solve`` takes ``LinearFactors`` entries in v and returns dense tensors
+        for them (default: no, v is formed before ``solve``). SAMA with Adam forms each
+        v_W block by block with P applied while the block is in cache."""
+        return False
 
     def _factored_products(self, objective: InnerObjective, mode: str) -> bool:
         """Whether this call's Hessian-vector products run on ``factored_hessian``'s graph:
@@ -543,6 +551,8 @@ class HypergradMethod(Method, ABC):
                     if isinstance(t, LinearFactors) else t
                     for i, (t, p) in enumerate(zip(v, params))]
                 v = starts
+            elif scale is None and self.solves_factors(objective):
+                pass  # ``solve`` forms the factored entries itself
             elif scale is None or mode not in _FORWARD_MODES:
                 v = densify(v)
             vec: list[Any] = [t if isinstance(t, LinearFactors | FactorSum) else t.detach()

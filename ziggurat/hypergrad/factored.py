@@ -38,6 +38,9 @@ from torch.overrides import TorchFunctionMode
 from ..torch_compat import autocast_enabled, compiling
 
 _LINEAR = torch.nn.functional.linear
+#: tensor types whose ``F.linear`` ``FactoredTangents`` computes by hand (no subclass with
+#: its own ``__torch_function__``)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 #: Set to False to turn the factored path off everywhere (upper backward forms every v_W).
 ENABLED = True
@@ -238,27 +241,57 @@ class FactoredTangents(TorchFunctionMode):
         if not torch.is_grad_enabled() and func not in _METADATA:
             args, kwargs = _replace((args, kwargs), _primal)
             return func(*args, **kwargs)
-        if func is _LINEAR and self._entries and not _transformed():
+        if func is _LINEAR and not _transformed():
             x, weight, bias = _linear_arguments(args, kwargs)
-            entry = self._entries.get(id(weight)) if isinstance(weight, Tensor) else None
-            if entry is not None and not _holds_stand_in(x, self._entries) and not (
-                    _holds_stand_in(bias, self._entries)):
-                # primal and tangent by hand: forward mode's own formula for a weight with
-                # no tangent multiplies x by a materialised zero matrix (one product wasted)
-                x_primal, x_tangent = forward_ad.unpack_dual(x)
-                b_primal, b_tangent = (forward_ad.unpack_dual(bias) if bias is not None
-                                       else (None, None))
-                y = func(x_primal, weight, b_primal)
-                tangent = entry[2].right_product(x_primal).to(y.dtype)
-                if x_tangent is not None:
-                    tangent = tangent + func(x_tangent, weight)
-                if b_tangent is not None:
-                    tangent = tangent + b_tangent
-                return forward_ad.make_dual(y, tangent)
+            out = self._linear(func, x, weight, bias)
+            if out is not None:
+                return out
         if (self._entries and func not in _METADATA
                 and _holds_stand_in((args, kwargs), self._entries)):
             args, kwargs = _replace((args, kwargs), self._dual)
         return func(*args, **kwargs)
+
+    def _linear(self, func: Callable[..., Any], x: Any, weight: Any,
+                bias: Any) -> Tensor | None:
+        """``F.linear(x, W, b)`` on dual tensors with primal and tangent by hand, or None
+        (forward mode's own formula then) unless W carries a tangent (a stand-in's factors,
+        or a dense one) or x does. The tangent is x_t Wᵀ + x v_Wᵀ + b_t, each term only
+        where its tangent exists: forward mode's formula multiplies x by a materialised zero
+        matrix for a W or x without one (a whole product wasted, e.g. on a first layer,
+        whose input is data). With x_t, x and x_t go through W as one product of twice the
+        rows (one pass over W instead of two; on the reweighting benchmark's 2578 × 2578
+        layer, 18.9 against 22.2 ms)."""
+        if not all(t is None or (type(t) in _PLAIN and t.layout == torch.strided)
+                   for t in (x, weight, bias)) or x is None or weight is None:
+            return None
+        entries = self._entries
+        entry = entries.get(id(weight)) if entries else None
+        if entries and (_holds_stand_in(x, entries) or _holds_stand_in(bias, entries)):
+            return None
+        x_primal, x_tangent = forward_ad.unpack_dual(x)
+        w_primal, w_tangent = ((weight, None) if entry is not None
+                               else forward_ad.unpack_dual(weight))
+        if entry is None and w_tangent is None and x_tangent is None:
+            return None
+        b_primal, b_tangent = (forward_ad.unpack_dual(bias) if bias is not None
+                               else (None, None))
+        parts: list[Tensor] = []
+        if x_tangent is not None and x_tangent.shape == x_primal.shape:
+            both = func(torch.stack((x_primal, x_tangent.to(x_primal.dtype))), w_primal)
+            y = both[0] if b_primal is None else both[0] + b_primal
+            parts.append(both[1])
+        else:
+            y = func(x_primal, w_primal, b_primal)
+            if x_tangent is not None:
+                parts.append(func(x_tangent, w_primal))
+        if entry is not None:
+            parts.append(entry[2].right_product(x_primal).to(y.dtype))
+        elif w_tangent is not None:
+            parts.append(func(x_primal, w_tangent))
+        tangent = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        if b_tangent is not None:
+            tangent = tangent + b_tangent
+        return forward_ad.make_dual(y, tangent)
 
     def _dual(self, t: Tensor) -> Tensor:
         """For a stand-in, W with the whole v_W as tangent (formed once), for a use other

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..errors import HypergradientError
 from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
+from .factored import LinearFactors
 from .linalg import TensorList
 
 SUPPORTED = "torch.optim.SGD, torch.optim.Adam and torch.optim.AdamW"
@@ -122,25 +123,37 @@ def _adam_kernel(v: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: Tensor,
     return v * (s / s_floor) * (1 + ratio * q) / d * k1
 
 
+def _adam_kernel_(v: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: Tensor,
+                  ratio: Tensor, k1: Tensor, tiny: float) -> None:
+    """``_adam_kernel`` written into v (one pass, no output allocated)."""
+    v.copy_(_adam_kernel(v, m, second, g, r_eps, ratio, k1, tiny))
+
+
 _compiled: dict[str, Any] = {}
+_KERNELS = {"kernel": _adam_kernel, "kernel_": _adam_kernel_}
 
 
-def _compiled_kernel() -> Any | None:
-    """The compiled kernel, or None once compiling has failed in this process."""
-    if "kernel" not in _compiled:
-        _compiled["kernel"] = torch.compile(_adam_kernel, dynamic=True)
-    return _compiled["kernel"]
+def _compiled_kernel(name: str = "kernel") -> Any | None:
+    """The compiled kernel ``name`` ("kernel": P v into a new tensor, "kernel_": into v), or
+    None once compiling either has failed in this process."""
+    if _compiled.get("kernel", True) is None:
+        return None
+    if name not in _compiled:
+        _compiled[name] = torch.compile(_KERNELS[name], dynamic=True)
+    return _compiled[name]
 
 
 def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: float,
-                      ratio: float, k1: float) -> Tensor | None:
-    kernel = _compiled_kernel()
+                      ratio: float, k1: float, name: str = "kernel") -> Tensor | None:
+    """P v by the compiled kernel ``name`` (returning the new tensor, or v itself for the
+    in-place one), or None (with a warning, once) when it cannot be compiled or run."""
+    kernel = _compiled_kernel(name)
     if kernel is None:
         return None
     scalars = [torch.tensor(x, dtype=vf.dtype, device=vf.device) for x in (r_eps, ratio, k1)]
     try:
-        out: Tensor = kernel(vf, m, second, g, *scalars, torch.finfo(vf.dtype).tiny)
-        return out
+        out: Tensor | None = kernel(vf, m, second, g, *scalars, torch.finfo(vf.dtype).tiny)
+        return vf if out is None else out
     except Exception as err:  # no compiler, an unsupported device...: the eager loop
         _compiled["kernel"] = None
         warnings.warn(
@@ -151,7 +164,8 @@ def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: f
         return None
 
 
-def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Tensor:
+def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any],
+                        inplace: bool = False) -> Tensor:
     """P v with P = ∂u/∂g (elementwise) of the last Adam step, from its state after the step.
 
     With s = √v_t, r = √(1−β₂ᵗ), D = s + rε (so √v̂ + ε = D/r) and k = η r (1−β₁)/(1−β₁ᵗ),
@@ -167,26 +181,53 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Ten
     second moment is exactly zero (L_in has never moved that coordinate) P = 0 (a factor
     s / max(s, tiny), which is 1 wherever s > 0: √ of the smallest subnormal exceeds the
     smallest normal number), not Adam's degenerate η(1−β₁)/((1−β₁ᵗ)ε) at g = 0, which would
-    dwarf every other entry of P v.
+    dwarf every other entry of P v. With ``inplace`` P v is written into v (and v returned).
     """
-    t = float(state["step"])
-    bc1 = 1.0 - step.beta1**t
-    bc2 = 1.0 - step.beta2**t
-    r = bc2**0.5
-    k1 = step.lr * r / bc1 * (1.0 - step.beta1)
-    ratio = -(1.0 - step.beta2) / (1.0 - step.beta1)
+    r_eps, ratio, k1 = _coefficients(step, state)
     second_all = state["max_exp_avg_sq"] if step.amsgrad else state["exp_avg_sq"]
     dtype = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
     vf, m, second, g = (_flat(x).to(dtype) for x in (v, state["exp_avg"], second_all,
                                                      step.grad))
     older = (_flat(state["max_exp_avg_sq"]) != _flat(state["exp_avg_sq"])
              if step.amsgrad else None)
-    n = vf.numel()
-    if COMPILE and older is None and n >= COMPILE_MIN_ELEMENTS:
-        fused = _compiled_product(vf, m, second, g, r * step.eps, ratio, k1)
+    # into v itself when asked and v is its own flat view (else into a new tensor, copied)
+    direct = inplace and vf.dtype == v.dtype and v.is_contiguous()
+    if COMPILE and older is None and vf.numel() >= COMPILE_MIN_ELEMENTS:
+        fused = _compiled_product(vf, m, second, g, r_eps, ratio, k1,
+                                  name="kernel_" if direct else "kernel")
         if fused is not None:
-            return fused.view(v.shape).to(v.dtype)
-    out = torch.empty_like(vf)
+            return _result(v, fused, inplace)
+    out = vf if direct else torch.empty_like(vf)
+    _eager_product(vf, m, second, g, older, r_eps, ratio, k1, out)
+    return _result(v, out, inplace)
+
+
+def _result(v: Tensor, out: Tensor, inplace: bool) -> Tensor:
+    """P v (flat ``out``) in v's shape and dtype; written into v with ``inplace``."""
+    if inplace:
+        if out.data_ptr() != v.data_ptr():
+            v.copy_(out.view(v.shape))
+        return v
+    return out.view(v.shape).to(v.dtype)
+
+
+def _coefficients(step: AdamStep, state: dict[str, Any]) -> tuple[float, float, float]:
+    """(r ε, −(1−β₂)/(1−β₁), k) of ``adam_preconditioned``'s formula for this step."""
+    t = float(state["step"])
+    bc1 = 1.0 - step.beta1**t
+    bc2 = 1.0 - step.beta2**t
+    r = bc2**0.5
+    k1 = step.lr * r / bc1 * (1.0 - step.beta1)
+    ratio = -(1.0 - step.beta2) / (1.0 - step.beta1)
+    return r * step.eps, ratio, k1
+
+
+def _eager_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor, older: Tensor | None,
+                   r_eps: float, ratio: float, k1: float, out: Tensor) -> None:
+    """P v of flat tensors into ``out`` (which may be vf itself: each block of v is read
+    before its block of ``out`` is written) by the eager loop of ``adam_preconditioned``."""
+    n = vf.numel()
+    dtype = vf.dtype
     # on CPU in cache-sized blocks; elsewhere (no small shared cache to fit) in one
     size = max(1, min(BLOCK, n) if vf.device.type == "cpu" else n)
     buf_s, buf_d, buf_f, buf_q = (torch.empty(size, dtype=dtype, device=vf.device)
@@ -196,7 +237,7 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Ten
         j = min(i + size, n)
         s, d, floor, q = buf_s[: j - i], buf_d[: j - i], buf_f[: j - i], buf_q[: j - i]
         torch.sqrt(second[i:j], out=s)
-        torch.add(s, r * step.eps, out=d)
+        torch.add(s, r_eps, out=d)
         torch.clamp_min(s, tiny, out=floor)
         torch.div(m[i:j], floor, out=q)
         q.mul_(g[i:j]).div_(d)  # (m/s)(g/D)
@@ -206,7 +247,56 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any]) -> Ten
         q.mul_(s.div_(floor))  # 0 where v_t = 0, else 1
         q.mul_(vf[i:j]).div_(d)
         torch.mul(q, k1, out=out[i:j])
-    return out.view(v.shape).to(v.dtype)
+
+
+#: Elements per block of ``adam_preconditioned_factors``: the rows of v_W = Δᵀ X (+ R) that
+#: one product forms, preconditioned while they are still in cache.
+FUSED_BLOCK = 1 << 20
+
+
+def adam_preconditioned_factors(factors: LinearFactors, step: AdamStep,
+                                state: dict[str, Any]) -> Tensor:
+    """P v_W for a weight's v_W = Δᵀ X + R given in factors (``factored.LinearFactors``).
+
+    With the compiled kernel (a tensor of ``COMPILE_MIN_ELEMENTS`` or more, no amsgrad,
+    float32 / float64), v_W is formed by blocks of rows (``FUSED_BLOCK`` elements), each one
+    preconditioned in place right after its product, while it is in cache: one pass over
+    θ-sized memory fewer than forming v_W and then computing P v_W, and no second θ-sized
+    result. Else v_W is formed and P applied in place (``adam_preconditioned``)."""
+    inputs = factors.inputs
+    n_out, n_in = factors.shape
+    dtype = inputs.dtype
+    if not (COMPILE and not step.amsgrad and n_out * n_in >= COMPILE_MIN_ELEMENTS
+            and dtype in (torch.float32, torch.float64)):
+        return adam_preconditioned(factors.dense(), step, state, inplace=True)
+    r_eps, ratio, k1 = _coefficients(step, state)
+    m, second, g = (_flat(x).to(dtype) for x in (state["exp_avg"], state["exp_avg_sq"],
+                                                 step.grad))
+    out = torch.empty((n_out, n_in), dtype=dtype, device=inputs.device)
+    flat = out.view(-1)
+    rows = max(1, FUSED_BLOCK // max(1, n_in))
+    for i in range(0, n_out, rows):
+        j = min(i + rows, n_out)
+        _form_rows(factors, i, j, out)
+        a, b = i * n_in, j * n_in
+        if _compiled_product(flat[a:b], m[a:b], second[a:b], g[a:b], r_eps, ratio, k1,
+                             name="kernel_") is None:  # (warned): the rest by the eager loop
+            _form_rows(factors, j, n_out, out)
+            _eager_product(flat[a:], m[a:], second[a:], g[a:], None, r_eps, ratio, k1,
+                           flat[a:])
+            break
+    return out
+
+
+def _form_rows(factors: LinearFactors, i: int, j: int, out: Tensor) -> None:
+    """Rows i to j of v_W = Δᵀ X + R into ``out``."""
+    if j <= i:
+        return
+    lhs = factors.grads[:, i:j].t()
+    if factors.rest is None:
+        torch.mm(lhs, factors.inputs, out=out[i:j])
+    else:
+        torch.addmm(factors.rest[i:j], lhs, factors.inputs, out=out[i:j])
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -279,6 +369,13 @@ class SAMA(HypergradMethod):
             return first
         return None
 
+    def solves_factors(self, objective: InnerObjective) -> bool:
+        """With Adam (a record with an Adam step) ``solve`` forms factored entries of v
+        itself, preconditioned block by block (``adam_preconditioned_factors``)."""
+        record = objective.state.get("sama")
+        return (objective.optimizer is not None and isinstance(record, dict)
+                and any(isinstance(r, dict) for r in record.values()))
+
     def solve(self, objective: InnerObjective, v: TensorList, curvature: Curvature) -> TensorList:
         if objective.optimizer is None or "sama" not in objective.state:
             raise HypergradientError(
@@ -290,12 +387,15 @@ class SAMA(HypergradMethod):
         out: TensorList = []
         for index, (p, vi) in enumerate(zip(objective.params, v)):
             rec = record.get(index)
+            factors = vi if isinstance(vi, LinearFactors) else None
             if rec is None:
-                out.append(torch.zeros_like(vi))
+                out.append(torch.zeros_like(p))
             elif isinstance(rec, dict):
-                out.append(adam_preconditioned(vi, AdamStep(**rec), opt.state[p]))
-            else:
-                out.append(vi * rec)
+                step = AdamStep(**rec)
+                out.append(adam_preconditioned(vi, step, opt.state[p]) if factors is None
+                           else adam_preconditioned_factors(factors, step, opt.state[p]))
+            else:  # (a factored entry formed here is this call's own: scaled in place)
+                out.append(vi * rec if factors is None else factors.dense().mul_(rec))
         if objective.reduce is not None and objective.reduce.shards_optimizer_state:
             # ZeRO: this rank knows P only on the parameters whose state it holds (zero
             # elsewhere); the sum over the ranks is the whole P v
