@@ -164,7 +164,8 @@ def _generators(source: object) -> list[torch.Generator]:
     candidates.append(getattr(getattr(batch_sampler, "sampler", None), "generator", None))
     found: list[torch.Generator] = []
     for g in candidates:
-        if isinstance(g, torch.Generator) and all(g is not h for h in found):
+        # (``is not None`` first: torch.Generator's isinstance check runs in Python)
+        if g is not None and isinstance(g, torch.Generator) and all(g is not h for h in found):
             found.append(g)
     return found
 

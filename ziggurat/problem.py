@@ -8,6 +8,7 @@ each problem steps; a problem never steps another.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -795,18 +796,27 @@ class Problem:
     ) -> list[Tensor]:
         """Σ over hypergradient paths of the vectors carried back to this problem."""
         graph = self._graph_or_error()
-        hyper = [torch.zeros_like(p) for p in params]
-        for path in graph.paths[self.name]:
+        paths = graph.paths[self.name]
+        hyper: list[Tensor] | None = None
+        for path in paths:
             vec = vectors[path[-1]]
             for i in range(len(path) - 1, 0, -1):
                 lower = self._others[path[i]]
                 upper = self if i == 1 else self._others[path[i - 1]]
                 vec = lower.best_response_vjp(vec, upper, key=path)
-            torch._foreach_add_(hyper, vec)
+            if hyper is None and len(paths) == 1 and all(
+                    h.dtype is p.dtype for h, p in zip(vec, params)):
+                hyper = list(vec)  # one path: its vector is the sum (no zeros written)
+            else:
+                if hyper is None:
+                    hyper = [torch.zeros_like(p) for p in params]
+                torch._foreach_add_(hyper, vec)
+        if hyper is None:
+            hyper = [torch.zeros_like(p) for p in params]
         norm = self._hypergrad_norm = linalg.norm(hyper)  # a tensor: no host sync here
         # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
         # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
-        if (self.config.check_finite and not bool(torch.isfinite(norm))
+        if (self.config.check_finite and not math.isfinite(norm)
                 and not linalg.all_finite(hyper)):
             bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
             raise HypergradientError(
