@@ -867,10 +867,12 @@ class ImplicitProblem(Problem):
                 f"step problems through zg.Engine."
             )
         batch = self.cur_batch
+        params = self.trainable_parameters()
+        device = params[0].device if params else torch.device("cpu")  # (``self.device``)
         return InnerObjective(
-            params=self.trainable_parameters(),
+            params=params,
             upper_params=upper.read_parameters(),
-            loss=lambda: self._recomputed_loss(batch),
+            loss=lambda: self._recomputed_loss(batch, device),
             optimizer=self.optimizer,
             state=self.method_state,
             name=self.name,
@@ -888,11 +890,10 @@ class ImplicitProblem(Problem):
                 and isinstance(method, HypergradMethod)
                 and method.accepts_factors(self.objective(upper)))
 
-    def _recomputed_loss(self, batch: Any) -> Tensor:
-        """L_in on the step's batch (the mean over its micro-batches), autocast off: the
-        hypergradient arithmetic runs in the parameters' dtype."""
+    def _recomputed_loss(self, batch: Any, device: torch.device) -> Tensor:
+        """L_in on the step's batch (the mean over its micro-batches), autocast off on
+        ``device`` (the parameters'): the hypergradient arithmetic runs in their dtype."""
         batches = list(batch) if isinstance(batch, MicroBatches) else [batch]
-        device = self.device
         # (autocast already off on the device: nothing to turn off, no context entered)
         precision = (full_precision(device) if autocast_enabled(device.type)
                      else nullcontext())
