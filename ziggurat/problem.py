@@ -565,8 +565,7 @@ class Problem:
     @property
     def device(self) -> torch.device:
         """Device of the first trainable parameter (CPU when there is none)."""
-        params = self.trainable_parameters()
-        return params[0].device if params else torch.device("cpu")
+        return _device_of(self.trainable_parameters())
 
     def _draw_batches(self) -> list[Any]:
         """The step's micro-batches; ``cur_batch`` is the batch, or all of them."""
@@ -795,24 +794,14 @@ class Problem:
         self, vectors: Mapping[str, list[Tensor]], params: list[Tensor]
     ) -> list[Tensor]:
         """Σ over hypergradient paths of the vectors carried back to this problem."""
-        graph = self._graph_or_error()
-        paths = graph.paths[self.name]
-        hyper: list[Tensor] | None = None
-        for path in paths:
-            vec = vectors[path[-1]]
-            for i in range(len(path) - 1, 0, -1):
-                lower = self._others[path[i]]
-                upper = self if i == 1 else self._others[path[i - 1]]
-                vec = lower.best_response_vjp(vec, upper, key=path)
-            if hyper is None and len(paths) == 1 and all(
-                    h.dtype is p.dtype for h, p in zip(vec, params)):
-                hyper = list(vec)  # one path: its vector is the sum (no zeros written)
-            else:
-                if hyper is None:
-                    hyper = [torch.zeros_like(p) for p in params]
-                torch._foreach_add_(hyper, vec)
-        if hyper is None:
+        paths = self._graph_or_error().paths[self.name]
+        if len(paths) == 1:  # its vector is the sum (in the parameters' dtypes; no zeros)
+            hyper = [h if h.dtype is p.dtype else h.to(p.dtype)
+                     for h, p in zip(self._carried_back(paths[0], vectors), params)]
+        else:
             hyper = [torch.zeros_like(p) for p in params]
+            for path in paths:
+                torch._foreach_add_(hyper, self._carried_back(path, vectors))
         norm = self._hypergrad_norm = linalg.norm(hyper)  # a tensor: no host sync here
         # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
         # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
@@ -826,6 +815,16 @@ class Problem:
                 f"below it."
             )
         return hyper
+
+    def _carried_back(self, path: tuple[str, ...], vectors: Mapping[str, list[Tensor]]
+                      ) -> list[Tensor]:
+        """The vector of ``path``'s last problem carried up the path to this problem, one
+        best-response product per edge."""
+        vec = vectors[path[-1]]
+        for i in range(len(path) - 1, 0, -1):
+            upper = self if i == 1 else self._others[path[i - 1]]
+            vec = self._others[path[i]].best_response_vjp(vec, upper, key=path)
+        return vec
 
     def _gradients(
         self, loss: Tensor, params: list[Tensor], create_graph: bool = False
@@ -868,7 +867,7 @@ class ImplicitProblem(Problem):
             )
         batch = self.cur_batch
         params = self.trainable_parameters()
-        device = params[0].device if params else torch.device("cpu")  # (``self.device``)
+        device = _device_of(params)  # (``self.device``, without a second parameter check)
         return InnerObjective(
             params=params,
             upper_params=upper.read_parameters(),
@@ -982,3 +981,8 @@ def explain_missing_attribute(err: AttributeError) -> None:
                 f"attribute '{err.name}'"
                 + (f"; problems in the program: {others}" if others else ""),)
     err._ziggurat_explained = True  # type: ignore[attr-defined]
+
+
+def _device_of(params: Sequence[Tensor]) -> torch.device:
+    """Device of the first parameter (CPU when there is none)."""
+    return params[0].device if params else torch.device("cpu")

@@ -76,6 +76,16 @@ class LinearFactors:
             return self.grads.t().mm(self.inputs)
         return self.rest.addmm(self.grads.t(), self.inputs)
 
+    def dense_rows(self, i: int, j: int, out: Tensor) -> None:
+        """Rows i to j of v_W (``dense()[i:j]``) written into ``out[i:j]``."""
+        if j <= i:
+            return
+        lhs = self.grads[:, i:j].t()
+        if self.rest is None:
+            torch.mm(lhs, self.inputs, out=out[i:j])
+        else:
+            torch.addmm(self.rest[i:j], lhs, self.inputs, out=out[i:j])
+
     def right_product(self, x: Tensor) -> Tensor:
         """x v_Wᵀ over x's last dimension: (x Xᵀ) Δ + x Rᵀ, never forming v_W."""
         rows = x.reshape(-1, x.shape[-1])

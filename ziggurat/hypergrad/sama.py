@@ -277,26 +277,16 @@ def adam_preconditioned_factors(factors: LinearFactors, step: AdamStep,
     rows = max(1, FUSED_BLOCK // max(1, n_in))
     for i in range(0, n_out, rows):
         j = min(i + rows, n_out)
-        _form_rows(factors, i, j, out)
+        factors.dense_rows(i, j, out)
         a, b = i * n_in, j * n_in
         if _compiled_product(flat[a:b], m[a:b], second[a:b], g[a:b], r_eps, ratio, k1,
                              name="kernel_") is None:  # (warned): the rest by the eager loop
-            _form_rows(factors, j, n_out, out)
+            factors.dense_rows(j, n_out, out)
             _eager_product(flat[a:], m[a:], second[a:], g[a:], None, r_eps, ratio, k1,
                            flat[a:])
             break
     return out
 
-
-def _form_rows(factors: LinearFactors, i: int, j: int, out: Tensor) -> None:
-    """Rows i to j of v_W = Δᵀ X + R into ``out``."""
-    if j <= i:
-        return
-    lhs = factors.grads[:, i:j].t()
-    if factors.rest is None:
-        torch.mm(lhs, factors.inputs, out=out[i:j])
-    else:
-        torch.addmm(factors.rest[i:j], lhs, factors.inputs, out=out[i:j])
 
 
 def _flat(x: Tensor) -> Tensor:
