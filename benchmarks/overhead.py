@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from workloads import interleaved_times, median_ratios, optimizer_steps, optional, skip_message
 
+from ziggurat import backward
+
 FEATURES = 50
 SAMPLES = 256
 
@@ -68,7 +70,11 @@ def inner_loss(model: torch.nn.Linear, decay: Decay, x: torch.Tensor,
     return F.binary_cross_entropy_with_logits(model(x), y) + decay(model.weight)
 
 
-def hand_written(d: Data, device: str, unroll: int) -> Callable[[], None]:
+def hand_written(d: Data, device: str, unroll: int,
+                 grad: Callable[..., Any] = torch.autograd.grad) -> Callable[[], None]:
+    """The loop in plain PyTorch; with ``grad=ziggurat.backward.grad`` the same loop with
+    the gradient front end ziggurat's steps use (the difference between that loop and
+    ziggurat's is the library's own bookkeeping alone)."""
     model, decay = models(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     meta_opt = torch.optim.Adam(decay.parameters(), lr=0.01)
@@ -76,13 +82,13 @@ def hand_written(d: Data, device: str, unroll: int) -> Callable[[], None]:
 
     def outer_iteration() -> None:
         for _ in range(unroll):
-            grads = torch.autograd.grad(inner_loss(model, decay, d.x, d.y), params)
+            grads = grad(inner_loss(model, decay, d.x, d.y), params)
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
-        v = torch.autograd.grad(F.binary_cross_entropy_with_logits(model(d.xv), d.yv), params)
-        g = torch.autograd.grad(inner_loss(model, decay, d.x, d.y), params, create_graph=True)
-        mixed = torch.autograd.grad(g, lam, v)
+        v = grad(F.binary_cross_entropy_with_logits(model(d.xv), d.yv), params)
+        g = grad(inner_loss(model, decay, d.x, d.y), params, create_graph=True)
+        mixed = grad(g, lam, v)
         for p, m in zip(lam, mixed):
             p.grad = -m
         meta_opt.step()
@@ -295,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     built: dict[str, list[Callable[[], None]]] = {}
     for _ in range(max(1, args.copies)):
         loops = [("hand-written", hand_written(d, args.device, args.unroll)),
+                 ("hand-written with ziggurat.backward.grad",
+                  hand_written(d, args.device, args.unroll, grad=backward.grad)),
                  ("ziggurat", ziggurat_loop(d, args.device, args.unroll))]
         if against is not None:
             loops.append((f"ziggurat at {args.against} ({against[0]})",

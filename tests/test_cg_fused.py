@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ziggurat as zg
+from ziggurat import backward
 from ziggurat.hypergrad import Curvature
 
 from helpers import Vec
@@ -19,15 +20,18 @@ from ridge import DTYPE, Ridge, krylov_solution, make_ridge, rel_err
 
 @pytest.fixture
 def grad_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Counts torch.autograd.grad calls (each goes through to the real function)."""
+    """Counts backward passes: torch.autograd.grad calls and the engine runs that
+    ``ziggurat.backward.grad`` starts itself (each goes through to the real function)."""
     calls = [0]
-    real = torch.autograd.grad
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return real(*args, **kwargs)
+    def counting(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(torch.autograd, "grad", counting)
+    monkeypatch.setattr(torch.autograd, "grad", counting(torch.autograd.grad))
+    monkeypatch.setattr(backward, "_run_backward", counting(backward._run_backward))
     yield calls
 
 

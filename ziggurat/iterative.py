@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backward import grad as autograd_grad
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
 from .optim import FunctionalOptimizer, from_torch, write_back
@@ -339,7 +340,7 @@ class IterativeProblem(Problem):
             )
         if isinstance(method, Forward):
             return self._forward_vjp(v, upper)
-        out = torch.autograd.grad(self._theta, lam, v, retain_graph=True, allow_unused=True)
+        out = autograd_grad(self._theta, lam, v, retain_graph=True, allow_unused=True)
         if all(o is None for o in out):
             raise HypergradientError(
                 f"the unrolled steps of problem '{self.name}' do not depend on the parameters "
@@ -432,8 +433,8 @@ class IterativeProblem(Problem):
                 f"REINFORCE through '{self.name}' needs the log-probabilities of its random "
                 f"draws: call self.record_log_prob(dist.log_prob(z)) in training_step."
             )
-        score = torch.autograd.grad(torch.stack(self._log_probs).sum(), lam,
-                                    retain_graph=True, allow_unused=True)
+        score = autograd_grad(torch.stack(self._log_probs).sum(), lam,
+                              retain_graph=True, allow_unused=True)
         if all(s is None for s in score):
             raise HypergradientError(
                 f"the recorded log-probabilities of '{self.name}' do not depend on the "
@@ -535,15 +536,15 @@ def _jvps(
     if not live or not keep or not tangent_sets:
         return zeros
     dummies = [torch.zeros_like(outs[k], requires_grad=True) for k in live]
-    vjp = torch.autograd.grad([outs[k] for k in live], [inputs[k] for k in keep], dummies,
-                              create_graph=True, allow_unused=True)
+    vjp = autograd_grad([outs[k] for k in live], [inputs[k] for k in keep], dummies,
+                        create_graph=True, allow_unused=True)
     used = [(g, k) for g, k in zip(vjp, keep) if g is not None and g.requires_grad]
     if not used:
         return zeros
     results = []
     for tangents, result in zip(tangent_sets, zeros):
-        jv = torch.autograd.grad([g for g, _ in used], dummies, [tangents[k] for _, k in used],
-                                 retain_graph=True, allow_unused=True)
+        jv = autograd_grad([g for g, _ in used], dummies, [tangents[k] for _, k in used],
+                           retain_graph=True, allow_unused=True)
         for k, g in zip(live, jv):
             if g is not None:
                 result[k] = g

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from .backward import grad as autograd_grad
 from .config import Config
 from .data import BatchStream, to_device
 from .errors import ConfigError, HypergradientError, ZigguratError
@@ -530,7 +531,7 @@ class Problem:
         else:
             loss = self._loss_of(loss, record=True)
         if params:
-            for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+            for p, g in zip(params, autograd_grad(loss, params, allow_unused=True)):
                 p.grad = (g if g is not None and g.is_contiguous()
                           else torch.zeros_like(p) if g is None else g.contiguous())
         self._lean_update(params)
@@ -759,7 +760,7 @@ class Problem:
         if not self._reads:  # nothing read: the gradients of the own parameters only
             if not params:
                 return [], {}
-            raw = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
+            raw = autograd_grad(loss, params, allow_unused=True, create_graph=create_graph)
             return _dense(raw, params), {}
         read = [name for name, _ in self._reads]
         read_params = [other.read_parameters() for _, other in self._reads]
@@ -767,7 +768,7 @@ class Problem:
         if not inputs:
             return [], {}
         with capture.collect() if capture is not None else nullcontext():
-            raw = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+            raw = autograd_grad(loss, inputs, allow_unused=True, create_graph=create_graph)
         factors = capture.factors() if capture is not None else {}
         grads = _dense(raw[:len(params)], params)
         vectors: dict[str, list[Any]] = {}

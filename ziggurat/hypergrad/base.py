@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import Tensor
 
+from ..backward import grad as autograd_grad
 from ..errors import ConfigError, HypergradientError
 from ..registry import Family, Method
 from ..unrolled.reparam import use_parameters
@@ -187,13 +188,12 @@ class Curvature:
             capture = self._capture
             if capture is None:
                 loss = self.objective.loss()
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                grads = autograd_grad(loss, params, create_graph=True, allow_unused=True)
             else:
                 with capture:
                     loss = self.objective.loss()
                 with capture.building():
-                    grads = torch.autograd.grad(loss, params, create_graph=True,
-                                                allow_unused=True)
+                    grads = autograd_grad(loss, params, create_graph=True, allow_unused=True)
                 self._factored = capture.factored(
                     {i: g for i, g in enumerate(grads) if g is not None})
             # unused θ_i: a zero that carries no graph (so H has a zero row and column there)
@@ -225,10 +225,10 @@ class Curvature:
         if not outs:
             return [None] * len(inputs)
         if capture is None:
-            return list(torch.autograd.grad(outs, list(inputs), vecs, retain_graph=retain,
-                                            allow_unused=True))
+            return list(autograd_grad(outs, list(inputs), vecs, retain_graph=retain,
+                                      allow_unused=True))
         with capture.collecting_product(cotangents):
-            out: list[Any] = list(torch.autograd.grad(
+            out: list[Any] = list(autograd_grad(
                 outs, list(inputs), vecs, retain_graph=retain, allow_unused=True))
         params = self.objective.params
         for i, p in enumerate(params[:len(inputs)]):
@@ -285,7 +285,7 @@ class Curvature:
 def upper_gradient(objective: InnerObjective) -> list[Tensor | None]:
     """∇_λ L_in at the current θ (no graph kept); None where a λ tensor is unused."""
     loss = objective.loss()
-    grads = torch.autograd.grad(loss, list(objective.upper_params), allow_unused=True)
+    grads = autograd_grad(loss, list(objective.upper_params), allow_unused=True)
     if all(g is None for g in grads):
         raise HypergradientError(_NOT_COUPLED.format(
             what="the loss", name=objective.name, upper=objective.upper_name))
@@ -380,7 +380,7 @@ def mixed_forward(objective: InnerObjective,
         with use_parameters(objective.module, params, values), FactoredTangents(stand_ins):
             loss = objective.loss()
         tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
-    out = (torch.autograd.grad(tangent, upper, allow_unused=True)
+    out = (autograd_grad(tangent, upper, allow_unused=True)
            if tangent is not None and tangent.requires_grad else [None] * len(upper))
     return _upper_part(objective, out)  # as in exact mode: never a silent zero hypergradient
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ...backward import grad as autograd_grad
 from ...errors import ConfigError
 from ...hypergrad import CG, SAMA, Darts, Neumann, linalg
 from ...hypergrad.base import Curvature, InnerObjective, takes_factored_vectors
@@ -182,7 +183,7 @@ def get_grads(loss: Tensor, path: Sequence[Any], retain_graph: bool = False,
     ``config.type``."""
     first = path[1]
     params = first.trainable_parameters()
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    grads = autograd_grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     vec: Any = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     for i in range(1, len(path) - 1):
         kind = path[i].betty_config.type

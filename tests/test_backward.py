@@ -1,0 +1,179 @@
+"""``ziggurat.backward.grad`` against ``torch.autograd.grad``: the same tensors bit for bit
+on the plain cases it runs itself, torch's own errors and overrides on every other case
+(which it hands to torch.autograd.grad), and the engine called directly where it should be."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ziggurat import backward
+from ziggurat.backward import grad
+
+
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """How many calls ran the engine directly and how many went to torch.autograd.grad."""
+    count = {"direct": 0, "torch": 0}
+
+    def counting(key: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(real)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            count[key] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(backward, "_run_backward", counting("direct", backward._run_backward))
+    monkeypatch.setattr(torch.autograd, "grad", counting("torch", torch.autograd.grad))
+    yield count
+
+
+def _model(dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Linear, torch.Tensor,
+                                                         torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).to(dtype)
+    return model, torch.randn(8, 5, dtype=dtype), torch.randn(8, 3, dtype=dtype)
+
+
+def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def _same(ours: tuple[Any, ...], theirs: tuple[Any, ...]) -> None:
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        if b is None:
+            assert a is None
+        else:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def _errors(call: Callable[..., Any], *args: Any) -> str:
+    """The error ``call(*args)`` raises, as "Type: message"."""
+    with pytest.raises(Exception) as info:
+        call(*args)
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_scalar_loss_gradients_equal_torch_bit_for_bit(dtype: torch.dtype,
+                                                      paths: dict[str, int]) -> None:
+    model, x, y = _model(dtype)
+    params = list(model.parameters())
+    ours = grad(_loss(model, x, y), params)
+    paths["direct"] = paths["torch"] = 0
+    _same(ours, torch.autograd.grad(_loss(model, x, y), params))
+    assert paths == {"direct": 0, "torch": 1}
+    paths["torch"] = 0
+    grad(_loss(model, x, y), params)
+    assert paths == {"direct": 1, "torch": 0}
+
+
+def test_create_graph_second_derivatives_equal_torch(paths: dict[str, int]) -> None:
+    model, x, y = _model()
+    params = list(model.parameters())
+    g_ours = grad(_loss(model, x, y), params, create_graph=True)
+    g_torch = torch.autograd.grad(_loss(model, x, y), params, create_graph=True)
+    _same(tuple(g.detach() for g in g_ours), tuple(g.detach() for g in g_torch))
+    v = [torch.randn_like(p) for p in params]
+    # a vector-Jacobian product with given output gradients (H v), retained, then again
+    hv_ours = grad(g_ours, params, v, retain_graph=True)
+    hv_again = grad(g_ours, params, v)
+    hv_torch = torch.autograd.grad(g_torch, params, v)
+    _same(hv_ours, hv_torch)
+    _same(hv_again, hv_torch)
+    assert paths["direct"] == 3
+    # the graph was released by the last call without retain_graph, as torch's would be
+    assert "a second time" in _errors(grad, g_ours, params, v)
+
+
+def test_unused_inputs_and_outputs_that_do_not_require_grad(paths: dict[str, int]) -> None:
+    model, x, y = _model()
+    unused = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    inputs = [*model.parameters(), unused]
+    ours = grad(_loss(model, x, y), inputs, allow_unused=True)
+    assert ours[-1] is None
+    _same(ours, torch.autograd.grad(_loss(model, x, y), inputs, allow_unused=True))
+    assert paths["direct"] == 1
+    # without allow_unused, and for a loss that does not require grad: torch's own errors
+    for call in (
+        lambda g: g(_loss(model, x, y), inputs),
+        lambda g: g(_loss(model, x, y).detach(), inputs),
+        lambda g: g(torch.zeros((), dtype=torch.float64), [unused]),
+    ):
+        assert _errors(call, grad) == _errors(call, torch.autograd.grad)
+    # an output that does not require grad beside one that does: torch's error too
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    pair = lambda g: g(((w ** 2).sum(), torch.zeros(())), [w])  # noqa: E731
+    assert _errors(pair, grad) == _errors(pair, torch.autograd.grad)
+
+
+def test_cases_it_does_not_prepare_itself_get_torch_errors(paths: dict[str, int]) -> None:
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    cases: list[Callable[[Callable[..., Any]], Any]] = [
+        lambda g: g(w * 2, [w]),  # implicit gradient of a non-scalar output
+        lambda g: g(w * 2, [w], [torch.ones(2, dtype=torch.float64)]),  # wrong shape
+        lambda g: g((w * 2).to(torch.complex128), [w],  # complex output, real gradient
+                    [torch.ones(3, dtype=torch.float64)]),
+        lambda g: g((w * 2).sum(), []),  # no inputs
+        lambda g: g([w.sum(), w.sum()], [w], [None]),  # fewer gradients than outputs
+    ]
+    for case in cases:
+        paths["direct"] = paths["torch"] = 0
+        ours = _errors(case, grad)
+        assert paths == {"direct": 0, "torch": 1}
+        assert ours == _errors(case, torch.autograd.grad)
+    # a 1-element output that is not 0-dim: torch's implicit gradient
+    n = (w.sum() * 2).reshape(1)
+    _same(grad(n, [w], retain_graph=True), torch.autograd.grad(n, [w]))
+
+
+class _Recording(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class _Logged(torch.Tensor):
+    seen: ClassVar[list[str]] = []
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_torch_function_modes_and_subclasses_see_torch_autograd_grad(
+        paths: dict[str, int]) -> None:
+    model, x, y = _model()
+    params = list(model.parameters())
+    loss = _loss(model, x, y)
+    with _Recording() as mode:
+        ours = grad(loss, params, retain_graph=True)
+    assert "grad" in mode.seen and paths["direct"] == 0
+    _same(ours, torch.autograd.grad(loss, params))
+    w = torch.ones(3, dtype=torch.float64).as_subclass(_Logged).requires_grad_()
+    _Logged.seen.clear()
+    out = grad((w * w).sum(), [w])
+    assert "grad" in _Logged.seen and paths["direct"] == 0
+    assert torch.equal(out[0].as_subclass(torch.Tensor), torch.full((3,), 2.0,
+                                                                    dtype=torch.float64))
+
+
+def test_a_torch_without_the_engine_function_uses_torch_autograd_grad(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backward, "_run_backward", None)
+    model, x, y = _model()
+    params = list(model.parameters())
+    _same(grad(_loss(model, x, y), params), torch.autograd.grad(_loss(model, x, y), params))

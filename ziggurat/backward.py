@@ -1,0 +1,106 @@
+"""``torch.autograd.grad``'s result, from autograd's engine called directly where possible.
+
+Before running the backward pass, ``torch.autograd.grad`` prepares its arguments in
+Python: tensor-like filtering, the ``__torch_function__`` check, and ``_make_grads`` (a
+shape comparison through the symbolic-shape helpers for each given output gradient, the
+scalar checks and ``ones_like`` for each implicit one). That is about 400 bytecodes per
+call, as much as 7 % of a small model's training step (a 50-feature logistic regression:
+``benchmarks/overhead.py``). :func:`grad` does the same preparation only for plain cases,
+in a few attribute reads, and hands the engine the same arguments:
+
+* every output is a tensor, and no argument has a ``__torch_function__`` override and no
+  torch-function mode is active;
+* an output without a given gradient is a floating-point 0-dim tensor (its gradient is
+  ``ones_like(output)``, as torch makes it), or does not require grad (None: the engine
+  raises torch's own error);
+* a given output gradient is a tensor of the output's shape, both complex or both not.
+
+Anything else (and a torch without ``torch.autograd.graph._engine_run_backward``, the
+function ``torch.autograd.grad`` itself ends in) goes to ``torch.autograd.grad``, which
+raises its usual errors. The results are the same tensors ``torch.autograd.grad`` returns
+(tests/test_backward.py compares them bit for bit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.graph
+from torch import Tensor
+
+#: the engine call ``torch.autograd.grad`` ends in (torch >= 2.3; it keeps torch's logging
+#: hooks and context stash); None on an older torch: every call goes to torch.autograd.grad
+_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None)
+
+_has_torch_function = torch._C._has_torch_function
+_PRESERVE = torch.preserve_format
+
+
+def grad(
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Sequence[Any],
+    grad_outputs: Sequence[Tensor | None] | None = None,
+    *,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    allow_unused: bool = False,
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=...,
+    create_graph=..., allow_unused=...)``: the gradients of the outputs (weighted by
+    ``grad_outputs``; ones for 0-dim outputs when None) with respect to ``inputs``.
+
+    >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> grad((w ** 2).sum(), [w])
+    (tensor([2., 4.]),)
+    """
+    outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+    ins = tuple(inputs)
+    if _run_backward is not None and ins and not _has_torch_function(outs + ins):
+        seeds = _seeds(outs, grad_outputs)
+        if seeds is not None:
+            return _run_backward(
+                outs, seeds, create_graph if retain_graph is None else retain_graph,
+                create_graph, ins, allow_unused, accumulate_grad=False)
+    return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
+                               create_graph=create_graph, allow_unused=allow_unused)
+
+
+def _seeds(outs: tuple[Any, ...], given: Sequence[Tensor | None] | None
+           ) -> tuple[Tensor | None, ...] | None:
+    """The output gradients ``_make_grads`` would pass the engine, or None where the case
+    is not a plain one (``torch.autograd.grad`` then prepares them, and raises its errors)."""
+    if given is None:
+        if len(outs) == 1:  # (the common case, one loss, written out)
+            out = outs[0]
+            if not isinstance(out, Tensor):
+                return None
+            if not out.requires_grad:
+                return (None,)
+            if out.dim() != 0 or not out.dtype.is_floating_point:
+                return None
+            return (torch.ones_like(out, memory_format=_PRESERVE),)
+        given = (None,) * len(outs)
+    elif isinstance(given, Tensor):
+        given = (given,)
+    if len(given) != len(outs):
+        return None
+    seeds: list[Tensor | None] = []
+    for out, g in zip(outs, given):
+        if not isinstance(out, Tensor):
+            return None
+        if g is None:
+            if not out.requires_grad:
+                seeds.append(None)
+                continue
+            if out.dim() != 0 or not out.dtype.is_floating_point:
+                return None
+            g = torch.ones_like(out, memory_format=_PRESERVE)
+        elif (not isinstance(g, Tensor) or out.is_nested or g.is_nested
+              or g.shape != out.shape
+              or g.dtype.is_complex != out.dtype.is_complex):
+            return None
+        seeds.append(g)
+    return tuple(seeds)
