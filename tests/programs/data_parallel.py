@@ -355,6 +355,13 @@ def main() -> None:
         torch.save(found, out / f"{name}-rank{dist.get_rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # Every result is on disk. End the process here, without interpreter finalization:
+    # gloo's worker threads can still be torn down during it, and then std::terminate
+    # aborts a rank that succeeded ("terminate called without an active exception", seen
+    # once in a local full run; a torch teardown race, pytorch/pytorch#190489).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
