@@ -717,7 +717,9 @@ class Problem:
         if isinstance(out, Tensor) and out.dim() == 0:  # the common case: a scalar loss
             if record:
                 self.last_metrics = {}
-                loss = out.detach()  # (``_widened``, written out: it runs at every step)
+                # (``_widened``, written out: it runs at every step; for a plain tensor
+                # ``.data``, the detached alias without a dispatched op, as in ``_plain_step``)
+                loss = out.data if type(out) is Tensor else out.detach()
                 self.last_loss = loss.float() if loss.dtype in _HALF else loss
             return out
         if isinstance(out, Mapping):

@@ -155,7 +155,7 @@ def _upper_part(objective: InnerObjective, out: Sequence[Tensor | None]) -> Tens
     if all(o is None for o in out):
         raise HypergradientError(_NOT_COUPLED.format(
             what="∇_θ L", name=objective.name, upper=objective.upper_name))
-    return [torch.zeros_like(p) if o is None else o.detach()
+    return [torch.zeros_like(p) if o is None else o.detach() if o.requires_grad else o
             for o, p in zip(out, objective.upper_params)]
 
 
@@ -555,7 +555,8 @@ class HypergradMethod(Method, ABC):
                 pass  # ``solve`` forms the factored entries itself
             elif scale is None or mode not in _FORWARD_MODES:
                 v = densify(v)
-            vec: list[Any] = [t if isinstance(t, LinearFactors | FactorSum) else t.detach()
+            # constants (a detach op only where an entry still carries a graph)
+            vec: list[Any] = [t.detach() if isinstance(t, Tensor) and t.requires_grad else t
                               for t in v]
             if self.uses_hessian:
                 # θ_i that L_in's gradient does not depend on has a zero row and column in H:
