@@ -11,6 +11,7 @@ for Betty 0.2.1 and TorchOpt 0.7.3 when installed; median of --repeats, timed in
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --parts   # + where ziggurat's overhead sits
+    python benchmarks/overhead.py --by-step --repeats 40  # each step timed on its own
     python benchmarks/overhead.py --copies 3  # each loop built 3 times (memory layout)
     python benchmarks/overhead.py --against HEAD~1  # + the library at a git ref, same rounds
     python benchmarks/overhead.py --quick
@@ -21,12 +22,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from workloads import interleaved_times, median_ratios, optimizer_steps, optional, skip_message
+from workloads import (
+    interleaved_times,
+    median_ratios,
+    optimizer_steps,
+    optional,
+    skip_message,
+    sync,
+)
 
 from ziggurat import backward
 
@@ -70,22 +79,21 @@ def inner_loss(model: torch.nn.Linear, decay: Decay, x: torch.Tensor,
     return F.binary_cross_entropy_with_logits(model(x), y) + decay(model.weight)
 
 
-def hand_written(d: Data, device: str, unroll: int,
-                 grad: Callable[..., Any] = torch.autograd.grad) -> Callable[[], None]:
-    """The loop in plain PyTorch; with ``grad=ziggurat.backward.grad`` the same loop with
-    the gradient front end ziggurat's steps use (the difference between that loop and
-    ziggurat's is the library's own bookkeeping alone)."""
+def hand_written_steps(d: Data, device: str, grad: Callable[..., Any] = torch.autograd.grad
+                       ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The hand-written lower step and upper step (on models of their own)."""
     model, decay = models(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     meta_opt = torch.optim.Adam(decay.parameters(), lr=0.01)
     params, lam = list(model.parameters()), list(decay.parameters())
 
-    def outer_iteration() -> None:
-        for _ in range(unroll):
-            grads = grad(inner_loss(model, decay, d.x, d.y), params)
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt.step()
+    def lower_step() -> None:
+        grads = grad(inner_loss(model, decay, d.x, d.y), params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+
+    def upper_step() -> None:
         v = grad(F.binary_cross_entropy_with_logits(model(d.xv), d.yv), params)
         g = grad(inner_loss(model, decay, d.x, d.y), params, create_graph=True)
         mixed = grad(g, lam, v)
@@ -93,7 +101,61 @@ def hand_written(d: Data, device: str, unroll: int,
             p.grad = -m
         meta_opt.step()
 
+    return lower_step, upper_step
+
+
+def hand_written(d: Data, device: str, unroll: int,
+                 grad: Callable[..., Any] = torch.autograd.grad) -> Callable[[], None]:
+    """The loop in plain PyTorch; with ``grad=ziggurat.backward.grad`` the same loop with
+    the gradient front end ziggurat's steps use (the difference between that loop and
+    ziggurat's is the library's own bookkeeping alone)."""
+    lower_step, upper_step = hand_written_steps(d, device, grad)
+
+    def outer_iteration() -> None:
+        for _ in range(unroll):
+            lower_step()
+        upper_step()
+
     return outer_iteration
+
+
+def step_times(d: Data, device: str, unroll: int, repeats: int) -> None:
+    """``--by-step``: each step of an outer iteration timed on its own, ziggurat's
+    ``train_step`` calls and the hand-written steps in alternating outer iterations
+    (median over ``repeats``); ziggurat's upper step is its last ``train_step`` less its
+    median lower step."""
+    lower, upper = hand_written_steps(d, device)
+    engine: Any = ziggurat_program(d, device, unroll)
+    hand: list[list[float]] = [[] for _ in range(unroll + 1)]
+    ours: list[list[float]] = [[] for _ in range(unroll)]
+
+    def timed(fn: Callable[[], Any]) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    for r in range(repeats + 2):  # (two warm-up rounds)
+        zig = [timed(engine.train_step) for _ in range(unroll)]
+        own = [timed(lower) for _ in range(unroll)] + [timed(upper)]
+        if r >= 2:
+            for bucket, t in zip(ours, zig):
+                bucket.append(t)
+            for bucket, t in zip(hand, own):
+                bucket.append(t)
+    h = [statistics.median(b) * 1e6 for b in hand]
+    z = [statistics.median(b) * 1e6 for b in ours]
+    h_mid = statistics.median(h[1:unroll]) if unroll > 1 else h[0]
+    z_mid = statistics.median(z[1:unroll - 1]) if unroll > 2 else z[0]
+    print(f"each step on its own (µs, median of {repeats} outer iterations, "
+          f"{unroll} lower steps each)")
+    print("| step | hand-written | ziggurat |")
+    print("|---|---|---|")
+    print(f"| first lower step | {h[0]:.0f} | {z[0]:.0f} |")
+    print(f"| other lower steps (median) | {h_mid:.0f} | {z_mid:.0f} |")
+    print(f"| upper step | {h[unroll]:.0f} | {z[unroll - 1] - z_mid:.0f} |")
+    print(f"| outer iteration (sum) | {sum(h):.0f} | {sum(z):.0f} |")
 
 
 def ziggurat_program(d: Data, device: str, unroll: int, batches: int | None = None,
@@ -288,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
                              "at this git ref (a before/after comparison in the same rounds; "
                              "identical code differs by ~0.2 points at unroll 100, by 4-6 at "
                              "unroll 1)")
+    parser.add_argument("--by-step", action="store_true",
+                        help="time each step of an outer iteration on its own (first and "
+                             "other lower steps, the upper step) instead of the loops")
     parser.add_argument("--parts", action="store_true",
                         help="also time ziggurat's lower steps alone and scheduled without "
                              "the upper step (where its overhead sits)")
@@ -297,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     d = Data(args.device)
+    if args.by_step:
+        step_times(d, args.device, args.unroll, args.repeats)
+        return
     against = None if args.against is None else ziggurat_at(args.against)
     built: dict[str, list[Callable[[], None]]] = {}
     for _ in range(max(1, args.copies)):

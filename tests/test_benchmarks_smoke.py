@@ -57,6 +57,49 @@ def test_a_missing_peer_is_skipped_with_the_install_command(
         assert peer not in out.out and f"skipped {peer}" in out.err
 
 
+def test_overhead_by_step_reports_each_kind_of_step(capsys: pytest.CaptureFixture[str]) -> None:
+    import overhead
+
+    overhead.main(["--quick", "--by-step"])
+    out = capsys.readouterr().out
+    for row in ("| first lower step |", "| other lower steps (median) |", "| upper step |",
+                "| outer iteration (sum) |"):
+        assert row in out
+
+
+def test_overhead_front_end_loop_is_the_hand_written_arithmetic_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop "hand-written with ziggurat.backward.grad" (ziggurat's gradient front end)
+    ends at the hand-written loop's parameters exactly (float64, 10 lower steps, 2 outer
+    iterations)."""
+    import overhead
+
+    from ziggurat import backward
+
+    made: list[tuple[torch.nn.Linear, overhead.Decay]] = []
+    models = overhead.models
+
+    def models64(device: str) -> tuple[torch.nn.Linear, overhead.Decay]:
+        model, decay = models(device)
+        made.append((model.double(), decay.double()))
+        return made[-1]
+
+    monkeypatch.setattr(overhead, "models", models64)
+    d = overhead.Data("cpu")
+    d.x, d.y, d.xv, d.yv = d.x.double(), d.y.double(), d.xv.double(), d.yv.double()
+    loops = [overhead.hand_written(d, "cpu", 10),
+             overhead.hand_written(d, "cpu", 10, grad=backward.grad)]
+    for _ in range(2):
+        for loop in loops:
+            loop()
+    (model_h, decay_h), (model_b, decay_b) = made
+    assert not torch.equal(decay_h.log_decay, torch.full_like(decay_h.log_decay, -2.0))
+    for a, b in zip([*model_h.parameters(), *decay_h.parameters()],
+                    [*model_b.parameters(), *decay_b.parameters()]):
+        assert torch.equal(a, b)
+
+
 def _torchopt_or_skip() -> None:
     from workloads import BENCH_INSTALL, optional
 
