@@ -171,6 +171,27 @@ def test_torch_function_modes_and_subclasses_see_torch_autograd_grad(
                                                                     dtype=torch.float64))
 
 
+def test_inputs_and_outputs_in_every_form_torch_takes(paths: dict[str, int]) -> None:
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    u = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    loss = lambda: (w ** 2).sum() * u.sum()  # noqa: E731
+    # a single tensor as the inputs (not its rows), lists and tuples: direct
+    _same(grad(loss(), w), torch.autograd.grad(loss(), w))
+    _same(grad([loss()], (w, u)), torch.autograd.grad([loss()], (w, u)))
+    _same(grad((w * u,), [w], torch.ones(3, dtype=torch.float64)),
+          torch.autograd.grad((w * u,), [w], torch.ones(3, dtype=torch.float64)))
+    assert paths["direct"] == 3
+    # a dict of inputs and a gradient edge: torch.autograd.grad's (same results)
+    paths["direct"] = paths["torch"] = 0
+    ours = grad(loss(), {"w": w, "u": u})  # type: ignore[arg-type]
+    theirs = torch.autograd.grad(loss(), {"w": w, "u": u})  # type: ignore[arg-type]
+    assert isinstance(ours, dict) and ours.keys() == theirs.keys()
+    _same(tuple(ours.values()), tuple(theirs.values()))
+    edge = torch.autograd.graph.get_gradient_edge(w)
+    _same(grad(loss(), edge), torch.autograd.grad(loss(), edge))
+    assert paths == {"direct": 0, "torch": 4}
+
+
 def test_a_torch_without_the_engine_function_uses_torch_autograd_grad(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backward, "_run_backward", None)

@@ -41,7 +41,7 @@ _PRESERVE = torch.preserve_format
 
 def grad(
     outputs: Tensor | Sequence[Tensor],
-    inputs: Sequence[Any],
+    inputs: Tensor | Sequence[Any],
     grad_outputs: Sequence[Tensor | None] | None = None,
     *,
     retain_graph: bool | None = None,
@@ -56,9 +56,10 @@ def grad(
     >>> grad((w ** 2).sum(), [w])
     (tensor([2., 4.]),)
     """
-    outs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
-    ins = tuple(inputs)
-    if _run_backward is not None and ins and not _has_torch_function(outs + ins):
+    outs = _as_tuple(outputs)
+    ins = _as_tuple(inputs)
+    if (_run_backward is not None and outs is not None and ins
+            and not _has_torch_function(outs + ins)):
         seeds = _seeds(outs, grad_outputs)
         if seeds is not None:
             return _run_backward(
@@ -66,6 +67,16 @@ def grad(
                 create_graph, ins, allow_unused, accumulate_grad=False)
     return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
                                create_graph=create_graph, allow_unused=allow_unused)
+
+
+def _as_tuple(arg: Any) -> tuple[Any, ...] | None:
+    """A tensor or a list / tuple of them as a tuple, as torch.autograd.grad takes them;
+    None for other kinds (a ``GradientEdge``, a dict of inputs: torch.autograd.grad's)."""
+    if isinstance(arg, Tensor):
+        return (arg,)
+    if type(arg) is tuple or type(arg) is list:
+        return tuple(arg)
+    return None
 
 
 def _seeds(outs: tuple[Any, ...], given: Sequence[Tensor | None] | None
