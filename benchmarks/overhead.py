@@ -124,6 +124,9 @@ def step_times(d: Data, device: str, unroll: int, repeats: int) -> None:
     ``train_step`` calls and the hand-written steps in alternating outer iterations
     (median over ``repeats``); ziggurat's upper step is its last ``train_step`` less its
     median lower step."""
+    if unroll < 3:
+        raise SystemExit("--by-step separates the upper step from the lower steps around "
+                         "it: use --unroll 3 or more")
     lower, upper = hand_written_steps(d, device)
     engine: Any = ziggurat_program(d, device, unroll)
     hand: list[list[float]] = [[] for _ in range(unroll + 1)]
@@ -146,8 +149,8 @@ def step_times(d: Data, device: str, unroll: int, repeats: int) -> None:
                 bucket.append(t)
     h = [statistics.median(b) * 1e6 for b in hand]
     z = [statistics.median(b) * 1e6 for b in ours]
-    h_mid = statistics.median(h[1:unroll]) if unroll > 1 else h[0]
-    z_mid = statistics.median(z[1:unroll - 1]) if unroll > 2 else z[0]
+    h_mid = statistics.median(h[1:unroll])
+    z_mid = statistics.median(z[1:unroll - 1])
     print(f"each step on its own (µs, median of {repeats} outer iterations, "
           f"{unroll} lower steps each)")
     print("| step | hand-written | ziggurat |")
