@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -67,15 +68,10 @@ def test_overhead_by_step_reports_each_kind_of_step(capsys: pytest.CaptureFixtur
         assert row in out
 
 
-def test_overhead_front_end_loop_is_the_hand_written_arithmetic_bit_for_bit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The loop "hand-written with ziggurat.backward.grad" (ziggurat's gradient front end)
-    ends at the hand-written loop's parameters exactly (float64, 10 lower steps, 2 outer
-    iterations)."""
+def _float64_overhead(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Any], Any]:
+    """overhead.py in float64: the (model, decay) pairs its loops build, in order, and its
+    data."""
     import overhead
-
-    from ziggurat import backward
 
     made: list[tuple[torch.nn.Linear, overhead.Decay]] = []
     models = overhead.models
@@ -88,6 +84,20 @@ def test_overhead_front_end_loop_is_the_hand_written_arithmetic_bit_for_bit(
     monkeypatch.setattr(overhead, "models", models64)
     d = overhead.Data("cpu")
     d.x, d.y, d.xv, d.yv = d.x.double(), d.y.double(), d.xv.double(), d.yv.double()
+    return made, d
+
+
+def test_overhead_front_end_loop_is_the_hand_written_arithmetic_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop "hand-written with ziggurat.backward.grad" (ziggurat's gradient front end)
+    ends at the hand-written loop's parameters exactly (float64, 10 lower steps, 2 outer
+    iterations)."""
+    import overhead
+
+    from ziggurat import backward
+
+    made, d = _float64_overhead(monkeypatch)
     loops = [overhead.hand_written(d, "cpu", 10),
              overhead.hand_written(d, "cpu", 10, grad=backward.grad)]
     for _ in range(2):
@@ -135,17 +145,7 @@ def test_torchopt_overhead_loop_does_the_hand_written_arithmetic(
     _torchopt_or_skip()
     import overhead
 
-    made: list[tuple[torch.nn.Linear, overhead.Decay]] = []
-    models = overhead.models
-
-    def models64(device: str) -> tuple[torch.nn.Linear, overhead.Decay]:
-        model, decay = models(device)
-        made.append((model.double(), decay.double()))
-        return made[-1]
-
-    monkeypatch.setattr(overhead, "models", models64)
-    d = overhead.Data("cpu")
-    d.x, d.y, d.xv, d.yv = d.x.double(), d.y.double(), d.xv.double(), d.yv.double()
+    made, d = _float64_overhead(monkeypatch)
     hand, loop = overhead.hand_written(d, "cpu", 10), overhead.torchopt_loop(d, "cpu", 10)
     assert loop is not None
     hand()
