@@ -28,7 +28,8 @@ def paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(backward, "_run_backward", counting("direct", backward._run_backward))
+    monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward",
+                        counting("direct", torch.autograd.graph._engine_run_backward))
     monkeypatch.setattr(torch.autograd, "grad", counting("torch", torch.autograd.grad))
     yield count
 
@@ -192,9 +193,48 @@ def test_inputs_and_outputs_in_every_form_torch_takes(paths: dict[str, int]) -> 
     assert paths == {"direct": 0, "torch": 4}
 
 
+def test_argument_kinds_torch_accepts_beyond_the_plain_ones(paths: dict[str, int]) -> None:
+    """Found in review: ``allow_unused=None`` (torch's default), a generator of output
+    gradients and a non-iterable one go to torch.autograd.grad, with its results and
+    errors."""
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    cases: list[Callable[[Callable[..., Any]], Any]] = [
+        lambda g: g((x * 2).sum(), [x], allow_unused=None),
+        lambda g: g(x * 2, x, (t for t in [torch.ones(3, dtype=torch.float64)])),
+        lambda g: g(x * 2, [x], map(torch.ones_like, [x])),
+    ]
+    for case in cases:
+        _same(case(grad), case(torch.autograd.grad))
+    for case in [lambda g: g((x * 2).sum(), [x, unused], allow_unused=None),
+                 lambda g: g(x * 2, [x], 5)]:
+        assert _errors(case, grad) == _errors(case, torch.autograd.grad)
+    assert paths["direct"] == 0
+
+
+def test_under_torch_compile_the_call_is_torch_autograd_grads() -> None:
+    """While torch.compile traces, ``grad`` is torch.autograd.grad (which dynamo knows)."""
+    def step(x: torch.Tensor) -> torch.Tensor:
+        w = x.detach().requires_grad_()
+        with torch.enable_grad():
+            (g,) = grad((w ** 3).sum(), [w])
+        return g
+
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch's dynamo does not trace torch.autograd.grad")
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        # one graph, as with torch.autograd.grad itself (the engine call would break it)
+        compiled = torch.compile(step, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), 3 * x ** 2)
+
+
 def test_a_torch_without_the_engine_function_uses_torch_autograd_grad(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backward, "_run_backward", None)
+    monkeypatch.setattr(backward, "_HAS_ENGINE", False)
     model, x, y = _model()
     params = list(model.parameters())
     _same(grad(_loss(model, x, y), params), torch.autograd.grad(_loss(model, x, y), params))

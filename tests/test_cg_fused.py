@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import ziggurat as zg
-from ziggurat import backward
 from ziggurat.hypergrad import Curvature
 
 from helpers import Vec
@@ -31,7 +30,8 @@ def grad_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return call
 
     monkeypatch.setattr(torch.autograd, "grad", counting(torch.autograd.grad))
-    monkeypatch.setattr(backward, "_run_backward", counting(backward._run_backward))
+    monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward",
+                        counting(torch.autograd.graph._engine_run_backward))
     yield calls
 
 

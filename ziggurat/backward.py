@@ -8,17 +8,21 @@ call, as much as 7 % of a small model's training step (a 50-feature logistic reg
 ``benchmarks/overhead.py``). :func:`grad` does the same preparation only for plain cases,
 in a few attribute reads, and hands the engine the same arguments:
 
-* every output is a tensor, and no argument has a ``__torch_function__`` override and no
-  torch-function mode is active;
+* outputs and inputs are tensors (one, or a list or tuple), no argument has a
+  ``__torch_function__`` override, no torch-function mode is active and torch.compile is
+  not tracing; ``allow_unused`` is a bool;
 * an output without a given gradient is a floating-point 0-dim tensor (its gradient is
   ``ones_like(output)``, as torch makes it), or does not require grad (None: the engine
   raises torch's own error);
-* a given output gradient is a tensor of the output's shape, both complex or both not.
+* given output gradients come as a tensor, list or tuple, each a tensor of its output's
+  shape, both complex or both not.
 
 Anything else (and a torch without ``torch.autograd.graph._engine_run_backward``, the
 function ``torch.autograd.grad`` itself ends in) goes to ``torch.autograd.grad``, which
 raises its usual errors. The results are the same tensors ``torch.autograd.grad`` returns
-(tests/test_backward.py compares them bit for bit).
+(tests/test_backward.py compares them bit for bit). The signature is the part of
+torch.autograd.grad's that the library uses (``retain_graph`` and after by keyword only; no
+``only_inputs``, ``is_grads_batched`` or ``materialize_grads``).
 """
 
 from __future__ import annotations
@@ -30,11 +34,15 @@ import torch
 import torch.autograd.graph
 from torch import Tensor
 
-#: the engine call ``torch.autograd.grad`` ends in (torch >= 2.3; it keeps torch's logging
-#: hooks and context stash); None on an older torch: every call goes to torch.autograd.grad
-_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
-    torch.autograd.graph, "_engine_run_backward", None)
+from .torch_compat import compiling as _compiling
 
+#: whether torch has the engine call ``torch.autograd.grad`` ends in,
+#: ``torch.autograd.graph._engine_run_backward`` (torch >= 2.3; it keeps torch's logging
+#: hooks and context stash); it is looked up at each call, so a patch of it (as
+#: ``torch.compiler``'s non-strict tracing makes) applies here too. Without it every call
+#: goes to torch.autograd.grad.
+_HAS_ENGINE = hasattr(torch.autograd.graph, "_engine_run_backward")
+_graph = torch.autograd.graph
 _has_torch_function = torch._C._has_torch_function
 _PRESERVE = torch.preserve_format
 
@@ -58,13 +66,13 @@ def grad(
     """
     outs = _as_tuple(outputs)
     ins = _as_tuple(inputs)
-    if (_run_backward is not None and outs is not None and ins
-            and not _has_torch_function(outs + ins)):
+    if (_HAS_ENGINE and outs is not None and ins and type(allow_unused) is bool
+            and not _has_torch_function(outs + ins) and not _compiling()):
         seeds = _seeds(outs, grad_outputs)
         if seeds is not None:
-            return _run_backward(
-                outs, seeds, create_graph if retain_graph is None else retain_graph,
-                create_graph, ins, allow_unused, accumulate_grad=False)
+            run: Callable[..., tuple[Tensor | None, ...]] = _graph._engine_run_backward
+            return run(outs, seeds, create_graph if retain_graph is None else retain_graph,
+                       create_graph, ins, allow_unused, accumulate_grad=False)
     return torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph,
                                create_graph=create_graph, allow_unused=allow_unused)
 
@@ -94,8 +102,10 @@ def _seeds(outs: tuple[Any, ...], given: Sequence[Tensor | None] | None
                 return None
             return (torch.ones_like(out, memory_format=_PRESERVE),)
         given = (None,) * len(outs)
-    elif isinstance(given, Tensor):
-        given = (given,)
+    else:  # (a generator or another kind: torch.autograd.grad takes it, once)
+        given = _as_tuple(given)
+        if given is None:
+            return None
     if len(given) != len(outs):
         return None
     seeds: list[Tensor | None] = []
