@@ -92,15 +92,8 @@ def _seeds(outs: tuple[Any, ...], given: Sequence[Tensor | None] | None
     """The output gradients ``_make_grads`` would pass the engine, or None where the case
     is not a plain one (``torch.autograd.grad`` then prepares them, and raises its errors)."""
     if given is None:
-        if len(outs) == 1:  # (the common case, one loss, written out)
-            out = outs[0]
-            if not isinstance(out, Tensor):
-                return None
-            if not out.requires_grad:
-                return (None,)
-            if out.dim() != 0 or not out.dtype.is_floating_point:
-                return None
-            return (torch.ones_like(out, memory_format=_PRESERVE),)
+        if len(outs) == 1:  # (the common case, one loss: no lists)
+            return _implicit_seed(outs[0])
         given = (None,) * len(outs)
     else:  # (a generator or another kind: torch.autograd.grad takes it, once)
         given = _as_tuple(given)
@@ -110,18 +103,28 @@ def _seeds(outs: tuple[Any, ...], given: Sequence[Tensor | None] | None
         return None
     seeds: list[Tensor | None] = []
     for out, g in zip(outs, given):
-        if not isinstance(out, Tensor):
-            return None
         if g is None:
-            if not out.requires_grad:
-                seeds.append(None)
-                continue
-            if out.dim() != 0 or not out.dtype.is_floating_point:
+            seed = _implicit_seed(out)
+            if seed is None:
                 return None
-            g = torch.ones_like(out, memory_format=_PRESERVE)
-        elif (not isinstance(g, Tensor) or out.is_nested or g.is_nested
-              or g.shape != out.shape
+            seeds.append(seed[0])
+        elif (not isinstance(out, Tensor) or not isinstance(g, Tensor) or out.is_nested
+              or g.is_nested or g.shape != out.shape
               or g.dtype.is_complex != out.dtype.is_complex):
             return None
-        seeds.append(g)
+        else:
+            seeds.append(g)
     return tuple(seeds)
+
+
+def _implicit_seed(out: Any) -> tuple[Tensor | None] | None:
+    """The gradient torch makes for an output given none, as a 1-tuple: ``ones_like`` of a
+    0-dim floating tensor, None for a tensor that does not require grad (the engine raises
+    torch's error); None (no tuple) for any other output, which torch must prepare."""
+    if not isinstance(out, Tensor):
+        return None
+    if not out.requires_grad:
+        return (None,)
+    if out.dim() != 0 or not out.dtype.is_floating_point:
+        return None
+    return (torch.ones_like(out, memory_format=_PRESERVE),)
