@@ -8,6 +8,7 @@ and cosine), and its call is timed as a multiple of one gradient evaluation of L
 
     python benchmarks/accuracy.py                    # dim 500, condition number 100
     python benchmarks/accuracy.py --condition 1000 --quick
+    python benchmarks/accuracy.py --device cuda      # the same data, moved to the GPU
 
 Darts / SAMA use H⁻¹ ≈ scale·I: their error is large by design (their direction is what
 they are used for, hence the cosine column).
@@ -60,11 +61,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=500)
     parser.add_argument("--condition", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="smoke check: dim 50, 1 repeat")
     args = parser.parse_args(argv)
     if args.quick:
         args.dim, args.repeats = 50, 1
-    data = ridge(args.dim, 2 * args.dim, args.condition)
+    # built on the CPU from one generator, then moved: the same problem on every device
+    data = {k: t.to(args.device) for k, t in
+            ridge(args.dim, 2 * args.dim, args.condition).items()}
     x, y, xv, yv = data["x"], data["y"], data["xv"], data["yv"]
     lam = data["lam"].clone().requires_grad_(True)
     n = x.shape[0]
@@ -92,12 +96,12 @@ def main(argv: list[str] | None = None) -> None:
             method(objective, [v])
 
         fns: list[Callable[[], None]] = [gradient, call]
-        base, t = interleaved_medians(fns, args.repeats, "cpu")
+        base, t = interleaved_medians(fns, args.repeats, args.device)
         rel = float((got - exact).norm() / exact.norm())
         cos = float(torch.nn.functional.cosine_similarity(got, exact, dim=0))
         rows.append((label, rel, cos, t / base))
-    print(f"ridge, dim {args.dim}, condition number {args.condition:g}, float64; cost in "
-          f"gradient evaluations of L_in")
+    print(f"ridge, dim {args.dim}, condition number {args.condition:g}, float64 on "
+          f"{args.device}; cost in gradient evaluations of L_in")
     print("| method | relative error | cosine | cost |")
     print("|---|---|---|---|")
     for label, rel, cos, cost in rows:

@@ -13,7 +13,7 @@ Reported per configuration (each in its own process, so peak memory is its own):
     python benchmarks/meta_iteration.py                      # 2M and 8M, every method
     python benchmarks/meta_iteration.py --sizes 32M --methods darts cg-3
     python benchmarks/meta_iteration.py --quick              # smoke check, seconds
-    python benchmarks/meta_iteration.py --device cuda
+    python benchmarks/meta_iteration.py --device cuda --in-process
 
 Peers (Betty 0.2.1; higher 0.2.1 for the one-step unrolled program, its "darts" row;
 TorchOpt 0.7.3: implicit differentiation with its CG / Neumann linear solvers for the cg-k /
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import subprocess
 import sys
@@ -348,28 +349,48 @@ RUNNERS = {"ziggurat": ziggurat_iteration, "betty": betty_iteration,
            "higher": higher_iteration, "torchopt": torchopt_iteration}
 
 
-def worker(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads) if args.threads else None
-    w = workload(SIZES[args.size] if args.hidden is None else args.hidden, args.device)
-    plain = plain_step_fn(w, optimizer_kind(args.method))
+def measure(args: argparse.Namespace, library: str, method: str, size: str
+            ) -> dict[str, object] | None:
+    """One configuration's row (None when the library cannot express it)."""
+    w = workload(SIZES[size] if args.hidden is None else args.hidden, args.device)
+    plain = plain_step_fn(w, optimizer_kind(method))
     plain()  # the plain step's own optimizer state exists before the memory window
-    if args.library == "ziggurat":
-        iteration = ziggurat_iteration(w, args.method, args.mixed)
-    elif args.library == "torchopt":
-        iteration = torchopt_iteration(w, args.method, darts=args.torchopt_darts)
+    if library == "ziggurat":
+        iteration = ziggurat_iteration(w, method, args.mixed)
+    elif library == "torchopt":
+        iteration = torchopt_iteration(w, method, darts=args.torchopt_darts)
     else:
-        iteration = RUNNERS[args.library](w, args.method)  # type: ignore[operator]
+        iteration = RUNNERS[library](w, method)  # type: ignore[operator]
     if iteration is None:
-        print(json.dumps({"skipped": True}))
-        return
+        return None
     before = reset_peak(args.device)
     iteration()
     iteration()
     rise = peak(args.device) - before
     plain_s, iter_s = interleaved_medians([plain, iteration], args.repeats, args.device)
-    print(json.dumps({"library": args.library, "method": args.method, "size": args.size,
-                      "parameters": w.parameters, "plain_s": plain_s, "iteration_s": iter_s,
-                      "ratio": iter_s / plain_s, "memory_mb": rise}))
+    return {"library": library, "method": method, "size": size, "parameters": w.parameters,
+            "plain_s": plain_s, "iteration_s": iter_s, "ratio": iter_s / plain_s,
+            "memory_mb": rise}
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads) if args.threads else None
+    row = measure(args, args.library, args.method, args.size)
+    print(json.dumps({"skipped": True} if row is None else row))
+
+
+def in_process(args: argparse.Namespace, library: str, method: str, size: str
+               ) -> dict[str, object]:
+    """``measure`` in this process (``--in-process``, CUDA only: the allocator's peak of one
+    configuration is its own once the last one's tensors are freed); a failure is a row."""
+    try:
+        row = measure(args, library, method, size)
+    except Exception as e:  # reported like a failed worker process
+        print(f"{library} {method} {size}: failed\n{type(e).__name__}: {e}", file=sys.stderr)
+        row = {"library": library, "method": method, "size": size, "failed": True}
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"skipped": True} if row is None else row
 
 
 def driver(args: argparse.Namespace) -> None:
@@ -377,6 +398,12 @@ def driver(args: argparse.Namespace) -> None:
     for size in args.sizes:
         for method in args.methods:
             for library in args.libraries:
+                if args.in_process:
+                    row = in_process(args, library, method, size)
+                    if not row.get("skipped"):
+                        rows.append(row)
+                        print_row(row) if not row.get("failed") else None
+                    continue
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
                        "--library", library, "--method", method, "--size", size,
                        "--repeats", str(args.repeats), "--device", args.device,
@@ -399,11 +426,16 @@ def driver(args: argparse.Namespace) -> None:
                 if row.get("skipped"):
                     continue
                 rows.append(row)
-                print(f"{size:>4s} {method:10s} {library:9s} {row['iteration_s']:8.3f} s "
-                      f"{row['ratio']:6.2f}x plain  +{row['memory_mb']:7.1f} MB", flush=True)
+                print_row(row)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print_table(rows, args.sizes, args.methods)
+
+
+def print_row(row: dict[str, object]) -> None:
+    print(f"{row['size']:>4s} {row['method']:10s} {row['library']:9s} "
+          f"{row['iteration_s']:8.4f} s {row['ratio']:6.2f}x plain  "
+          f"+{row['memory_mb']:7.1f} MB", flush=True)
 
 
 def print_table(rows: list[dict[str, object]], sizes: list[str], methods: list[str]) -> None:
@@ -469,11 +501,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true",
                         help="compare TorchOpt's hypergradients with ziggurat's (float64, "
                              "hidden 16) for --methods instead of timing")
+    parser.add_argument("--in-process", action="store_true",
+                        help="with --device cuda: every configuration in this process (no "
+                             "process start and CUDA set-up per configuration; the peak is "
+                             "the allocator's, exact per configuration)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", default="ziggurat", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="darts", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="2M", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.in_process and not args.device.startswith("cuda"):
+        parser.error(f"--in-process needs --device cuda (got --device {args.device}): on the "
+                     "CPU a configuration's peak resident memory is its own only in a fresh "
+                     "process, so leave --in-process out there")
     if args.quick:
         args.hidden, args.repeats, args.sizes = 64, 2, ["2M"]
         args.methods = ["darts", "sama-adam", "cg-1"]

@@ -7,6 +7,7 @@ optimizer step) and reports it as a ratio to a plain training step of the classi
 measured in the same process. Median of --repeats.
 
     python benchmarks/mixed_product.py --hidden 1024
+    python benchmarks/mixed_product.py --hidden 4096 --device cuda
 """
 
 from __future__ import annotations
@@ -18,33 +19,40 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from workloads import sync
 
 import ziggurat as zg
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="smoke check: hidden 32, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.repeats = 32, 1
     torch.manual_seed(0)
-    h = args.hidden
+    h, dev = args.hidden, args.device
     net = torch.nn.Sequential(torch.nn.Linear(512, h), torch.nn.ReLU(), torch.nn.Linear(h, h),
-                              torch.nn.ReLU(), torch.nn.Linear(h, 10))
+                              torch.nn.ReLU(), torch.nn.Linear(h, 10)).to(dev)
     meta = torch.nn.Sequential(torch.nn.Linear(1, 100), torch.nn.ReLU(), torch.nn.Linear(100, 1),
-                               torch.nn.Sigmoid())
-    x, y = torch.randn(64, 512), torch.randint(0, 10, (64,))
-    xm, ym = torch.randn(64, 512), torch.randint(0, 10, (64,))
+                               torch.nn.Sigmoid()).to(dev)
+    x, y = torch.randn(64, 512).to(dev), torch.randint(0, 10, (64,)).to(dev)
+    xm, ym = torch.randn(64, 512).to(dev), torch.randint(0, 10, (64,)).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     params = list(net.parameters())
     n_params = sum(p.numel() for p in params)
@@ -69,8 +77,9 @@ def main() -> None:
     objective = zg.InnerObjective(params, list(meta.parameters()), inner_loss, optimizer=opt,
                                   state=state, module=net)
 
-    base = median_seconds(plain_step, args.repeats)
-    print(f"classifier parameters: {n_params / 1e6:.2f}M, plain step {base * 1e3:.1f} ms")
+    base = median_seconds(plain_step, args.repeats, dev)
+    print(f"classifier parameters: {n_params / 1e6:.2f}M on {dev}, plain step "
+          f"{base * 1e3:.1f} ms")
     modes = ("fd", "exact", "forward")
     print(f"{'method':14s}" + "".join(f"{m:>10s}" for m in modes)
           + "   (hypergradient call / plain step)")
@@ -80,8 +89,8 @@ def main() -> None:
         ("cg-3", lambda m: zg.CG(iterations=3, mixed=m)),
         ("neumann-3", lambda m: zg.Neumann(iterations=3, alpha=0.1, mixed=m)),
     ]:
-        row = [median_seconds(lambda m=m, make=make: make(m)(objective, v), args.repeats) / base
-               for m in modes]
+        row = [median_seconds(lambda m=m, make=make: make(m)(objective, v), args.repeats, dev)
+               / base for m in modes]
         print(f"{label:14s}" + "".join(f"{r:10.2f}" for r in row))
 
 

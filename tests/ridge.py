@@ -7,7 +7,7 @@ dL_out/dλ = −diag(e^λ ⊙ θ*) H⁻¹ v.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -24,6 +24,10 @@ class Ridge:
     Xv: Tensor
     yv: Tensor
     lam: Tensor
+
+    def to(self, device: torch.device | str) -> Ridge:
+        """The same problem with every tensor on ``device``."""
+        return Ridge(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     @property
     def n(self) -> int:

@@ -5,6 +5,9 @@ library is skipped with a message instead of failing."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +190,52 @@ def test_factored_ab_reports_both_sides(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "factored" in out and "dense (ENABLED = False)" in out
     assert factored.ENABLED  # switched back on after the dense side
+
+
+def test_meta_iteration_in_process_measures_like_the_worker() -> None:
+    """``--in-process`` (CUDA only from the command line) runs ``measure`` in this process; a
+    configuration that raises is a failed row, not a crash of the whole table."""
+    import meta_iteration
+
+    args = meta_iteration.argparse.Namespace(hidden=16, device="cpu", mixed="auto", repeats=1,
+                                             torchopt_darts="metasgd")
+    row = meta_iteration.in_process(args, "ziggurat", "cg-1", "2M")
+    assert row["method"] == "cg-1" and row["parameters"] == 512 * 16 + 16 + 16 * 16 + 16 + 170
+    assert row["iteration_s"] > 0 and row["plain_s"] > 0  # type: ignore[operator]
+    failed = meta_iteration.in_process(args, "no-such-library", "cg-1", "2M")
+    assert failed == {"library": "no-such-library", "method": "cg-1", "size": "2M",
+                      "failed": True}
+    with pytest.raises(SystemExit):
+        meta_iteration.main(["--in-process", "--quick"])  # refused on the CPU
+
+
+def _suite(tmp_path: Path, *sections: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "OUT"}
+    base.update({"ZIGGURAT_SUITE_DEVICE": "cpu", "ZIGGURAT_SUITE_QUICK": "1",
+                 "ZIGGURAT_SUITE_PYTHON": sys.executable, "ZIGGURAT_SUITE_OUT": str(tmp_path),
+                 **env})
+    return subprocess.run(["bash", str(BENCH / "device_suite.sh"), *sections], env=base,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_device_suite_runs_its_sections_and_reports_each(tmp_path: Path) -> None:
+    """A dry run of the GPU suite on the CPU (--quick sizes): one log per section, a summary
+    line with each exit status, at most the 8 files the device tool brings back."""
+    done = _suite(tmp_path, "env", "accuracy", "mixed")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    for name in ("env", "accuracy", "mixed"):
+        assert re.search(rf"^{name} +rc=0 ", summary, re.M), summary
+    assert "torch " + torch.__version__ in summary
+    assert "float64 on cpu" in (tmp_path / "accuracy.log").read_text()
+    assert "on cpu, plain step" in (tmp_path / "mixed.log").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.log", "mixed.log",
+                                                         "summary.txt"]
+
+
+def test_device_suite_names_a_failed_section_and_an_unknown_one(tmp_path: Path) -> None:
+    failed = _suite(tmp_path / "a", "accuracy", ZIGGURAT_SUITE_PYTHON="false")
+    assert failed.returncode == 1
+    assert "sections that failed: accuracy" in (tmp_path / "a" / "summary.txt").read_text()
+    unknown = _suite(tmp_path / "b", "tests", "gpu")
+    assert unknown.returncode == 2 and "unknown section 'gpu'" in unknown.stderr
