@@ -118,14 +118,14 @@ def betty_iteration(w: Workload, method: str) -> Callable[[], None] | None:
     from betty.engine import Engine
     from betty.problems import ImplicitProblem
 
-    class Inner(ImplicitProblem):  # type: ignore[misc]
+    class Inner(ImplicitProblem):
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
             losses = F.cross_entropy(self.module(x), y, reduction="none")
             weights = self.meta(losses.detach().unsqueeze(1)).squeeze(1)
             return (weights * losses).mean()
 
-    class Outer(ImplicitProblem):  # type: ignore[misc]
+    class Outer(ImplicitProblem):
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
             return F.cross_entropy(self.classifier(x), y)
@@ -355,12 +355,13 @@ def measure(args: argparse.Namespace, library: str, method: str, size: str
     w = workload(SIZES[size] if args.hidden is None else args.hidden, args.device)
     plain = plain_step_fn(w, optimizer_kind(method))
     plain()  # the plain step's own optimizer state exists before the memory window
+    iteration: Callable[[], None] | None
     if library == "ziggurat":
         iteration = ziggurat_iteration(w, method, args.mixed)
     elif library == "torchopt":
         iteration = torchopt_iteration(w, method, darts=args.torchopt_darts)
     else:
-        iteration = RUNNERS[library](w, method)  # type: ignore[operator]
+        iteration = RUNNERS[library](w, method)
     if iteration is None:
         return None
     before = reset_peak(args.device)

@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         ("cg-3", lambda m: zg.CG(iterations=3, mixed=m)),
         ("neumann-3", lambda m: zg.Neumann(iterations=3, alpha=0.1, mixed=m)),
     ]:
-        row = [median_seconds(lambda m=m, make=make: make(m)(objective, v), args.repeats, dev)
-               / base for m in modes]
+        def call(mode: str, make: Callable[[str], zg.HypergradMethod] = make
+                 ) -> Callable[[], object]:
+            return lambda: make(mode)(objective, v)
+
+        row = [median_seconds(call(m), args.repeats, dev) / base for m in modes]
         print(f"{label:14s}" + "".join(f"{r:10.2f}" for r in row))
 
 

@@ -221,13 +221,13 @@ def betty_loop(d: Data, device: str, unroll: int) -> Callable[[], None] | None:
     from betty.engine import Engine
     from betty.problems import ImplicitProblem
 
-    class Inner(ImplicitProblem):  # type: ignore[misc]
+    class Inner(ImplicitProblem):
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
             return (F.binary_cross_entropy_with_logits(self.module(x), y)
                     + self.decay(self.module.weight))
 
-    class Outer(ImplicitProblem):  # type: ignore[misc]
+    class Outer(ImplicitProblem):
         def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             x, y = batch
             return F.binary_cross_entropy_with_logits(self.model(x), y)
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     against = None if args.against is None else ziggurat_at(args.against)
     built: dict[str, list[Callable[[], None]]] = {}
     for _ in range(max(1, args.copies)):
-        loops = [("hand-written", hand_written(d, args.device, args.unroll)),
+        loops: list[tuple[str, Callable[[], None] | None]] = [
+                 ("hand-written", hand_written(d, args.device, args.unroll)),
                  ("hand-written with ziggurat.backward.grad",
                   hand_written(d, args.device, args.unroll, grad=backward.grad)),
                  ("ziggurat", ziggurat_loop(d, args.device, args.unroll))]

@@ -55,7 +55,7 @@ def build(method: zg.registry.Method, k: int, hidden: int = 256, device: str = "
     holder = torch.nn.ParameterList([decay])
 
     def inner_loss(p: zg.Problem, batch: object) -> torch.Tensor:
-        weights = [m.weight for m in p.module if isinstance(m, torch.nn.Linear)]
+        weights = [m.weight for m in p.module.children() if isinstance(m, torch.nn.Linear)]
         penalty = sum(d.exp() * (w**2).sum() for d, w in zip(p.outer.module[0], weights))
         return F.mse_loss(p.module(x), y) + penalty
 
