@@ -30,8 +30,9 @@ def grad_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return call
 
     monkeypatch.setattr(torch.autograd, "grad", counting(torch.autograd.grad))
-    monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward",
-                        counting(torch.autograd.graph._engine_run_backward))
+    if hasattr(torch.autograd.graph, "_engine_run_backward"):  # (torch >= 2.3)
+        monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward",
+                            counting(torch.autograd.graph._engine_run_backward))
     yield calls
 
 

@@ -285,9 +285,12 @@ def test_fsdp2_facts_behind_the_refusal(runs: tuple[Path, dict[str, list[Any]]])
     upgrade, FSDP2 may now support second-order autograd.grad: revisit the refusal in
     ziggurat/parallel.py and docs/distributed.md."""
     # torch's failures are pinned only on the release they were checked on (a user's other
-    # torch is not wrong for lacking them); the exact routes are asserted on every release
+    # torch is not wrong for lacking them); the exact routes on that release and later ones
     checked_release = torch.__version__.startswith("2.13.")
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     for facts in runs[1]["fsdp"]:
+        if "unavailable" in facts:
+            pytest.skip(f"this torch has no FSDP2 / public DTensor ({facts['unavailable']})")
         if checked_release:
             # the sharded parameters are not in the graph, even with both reshards off
             assert "not have been used in the graph" in facts["sharded"]
@@ -299,6 +302,12 @@ def test_fsdp2_facts_behind_the_refusal(runs: tuple[Path, dict[str, list[Any]]])
             assert "Sharding propagation failed" in facts["dtensor"]
         # with the parameters kept gathered it is exact, i.e. plain data parallelism
         assert facts["gathered"] <= 1e-12
+        if "local_failure" in facts:
+            # an older torch may lack the DTensor route below (2.11: its double backward
+            # does not reach the sharded leaves); the refusal does not rest on it
+            assert release < (2, 13), facts["local_failure"]
+            assert "not have been used in the graph" in facts["local_failure"]
+            continue
         # DTensor parameters gathered by a differentiable redistribute + to_local(Partial)
         # on a plain local batch: exact, g and H v sharded (the route an "fsdp" would take)
         assert facts["local"] <= 1e-12

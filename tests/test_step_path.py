@@ -17,6 +17,7 @@ import torch
 
 import ziggurat as zg
 from ziggurat.logging import Progress
+from ziggurat.torch_compat import autocast_enabled
 
 from helpers import Quad, Vec
 
@@ -186,7 +187,7 @@ def test_a_config_replaced_after_set_up_is_followed() -> None:
 
     class Watched(Single):
         def training_step(self, batch: Any) -> torch.Tensor:
-            autocast_seen.append(torch.is_autocast_enabled("cpu"))
+            autocast_seen.append(autocast_enabled("cpu"))
             return super().training_step(batch)
 
     p = single(Watched)
