@@ -4,7 +4,7 @@
 #   bash benchmarks/device_suite.sh [SECTION...]
 #
 # Sections, in this order: env tests meta overhead accuracy memory mixed (the default), and
-# full (only when named: about 3 more minutes).
+# full (only when named: 3 to 4 more minutes).
 # Each section's output goes to its own file NAME.log under $OUT (the device tool's folder;
 # else $ZIGGURAT_SUITE_OUT, else ./device-results), and summary.txt holds one line per
 # section (exit status, seconds) and the env section's output: at most 8 files, what the
@@ -74,7 +74,7 @@ section() {  # section NAME DEFAULT_SECONDS COMMAND...
     rc=$?
     local took=$((SECONDS - start))
     [[ $rc -eq 0 ]] || FAILED+=("$name")
-    [[ $rc -eq 124 || $rc -eq 137 ]] && echo "(stopped at the section's ${seconds} s limit)" >>"$log"
+    [[ $rc -eq 124 || $rc -eq 137 ]] && printf '\n(stopped at the limit of %s s)\n' "$seconds" >>"$log"
     printf '%-9s rc=%-3d %4d s\n' "$name" "$rc" "$took" | tee -a "$DEST/summary.txt"
     tail -n 25 "$log"
     if [[ $name == env ]]; then cat "$log" >>"$DEST/summary.txt"; rm -f "$log"; fi
@@ -83,15 +83,15 @@ section() {  # section NAME DEFAULT_SECONDS COMMAND...
 section env 30 bash -c "nvidia-smi -L 2>&1; $PY -c 'import sys, torch; print(sys.version); \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'"
-section tests 120 "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" tests/test_device.py \
-    tests/test_systems.py::test_fp16_loss_scaling_on_cuda -rs
+section tests 120 "$PY" -m pytest -v -p no:cacheprovider --device "$DEVICE" tests/test_device.py \
+    tests/test_systems.py::test_fp16_loss_scaling_on_cuda -rs --durations=5
 section meta 180 "$PY" benchmarks/meta_iteration.py --device "$DEVICE" \
     "${IN_PROCESS[@]}" --sizes 8M 32M 2M --repeats 9 "${QUICK[@]}"
 section overhead 60 "$PY" benchmarks/overhead.py --device "$DEVICE" --repeats 9 "${QUICK[@]}"
 section accuracy 30 "$PY" benchmarks/accuracy.py --device "$DEVICE" "${QUICK[@]}"
 section memory 45 "$PY" benchmarks/unrolled_memory.py --device "$DEVICE" --iterations 400 "${QUICK[@]}"
 section mixed 30 "$PY" benchmarks/mixed_product.py --device "$DEVICE" --hidden 4096 "${QUICK[@]}"
-section full 200 "$PY" -m pytest -q -p no:cacheprovider -x
+section full 300 "$PY" -m pytest -q -p no:cacheprovider
 echo "results in $DEST"
 if [[ ${#FAILED[@]} -gt 0 ]]; then
     echo "device_suite: sections that failed: ${FAILED[*]}" | tee -a "$DEST/summary.txt" >&2

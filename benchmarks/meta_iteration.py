@@ -31,6 +31,7 @@ import gc
 import json
 import subprocess
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -386,8 +387,9 @@ def in_process(args: argparse.Namespace, library: str, method: str, size: str
     configuration is its own once the last one's tensors are freed); a failure is a row."""
     try:
         row = measure(args, library, method, size)
-    except Exception as e:  # reported like a failed worker process
-        print(f"{library} {method} {size}: failed\n{type(e).__name__}: {e}", file=sys.stderr)
+    except Exception:  # reported like a failed worker process
+        print(f"{library} {method} {size}: failed\n{traceback.format_exc()[-2000:]}",
+              file=sys.stderr)
         row = {"library": library, "method": method, "size": size, "failed": True}
     gc.collect()
     torch.cuda.empty_cache()
@@ -431,6 +433,9 @@ def driver(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print_table(rows, args.sizes, args.methods)
+    failed = [f"{r['library']} {r['method']} {r['size']}" for r in rows if r.get("failed")]
+    if failed:  # (the table holds the others)
+        raise SystemExit(f"failed configurations: {', '.join(failed)}")
 
 
 def print_row(row: dict[str, object]) -> None:

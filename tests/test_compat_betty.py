@@ -55,7 +55,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Every Betty-style program run through ``python -m ziggurat.compat.betty`` (in
     parallel): name -> (returncode, stdout, stderr, parameters or None)."""
     tmp = tmp_path_factory.mktemp("betty_runs")
-    env = dict(os.environ, PYTHONPATH="/user/entry", CUDA_VISIBLE_DEVICES="")
+    # the repository first (ziggurat may be on PYTHONPATH rather than installed, as on the
+    # GPU machine of benchmarks/device_suite.sh), then an entry of "the user's"
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, "/user/entry"]),
+               CUDA_VISIBLE_DEVICES="")
     procs = {}
     for name in ("hpo", "reweight", "three_level", "iterative", "spawn"):
         out = tmp / f"{name}.json"

@@ -10,14 +10,33 @@ import torch.utils.data
 from .errors import ConfigError
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor moved to ``device`` (dicts, lists and tuples rebuilt)."""
+def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``obj`` with every tensor on ``device``: tensors in dicts, lists and tuples (named
+    tuples and dict subclasses keep their type), at any depth; ``obj`` itself, not a copy,
+    when every tensor is already there. ``non_blocking`` as in ``Tensor.to``."""
+    kind = type(obj)
+    if kind is tuple or kind is list:  # the common batch, checked first: it runs every step
+        for v in obj:
+            if type(v) is not torch.Tensor or v.device != device:
+                break
+        else:
+            return obj
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        moved = {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        if all(moved[k] is v for k, v in obj.items()):
+            return obj
+        out = obj.copy()  # (the subclass's own copy: OrderedDict, defaultdict keep theirs)
+        out.update(moved)
+        return out
     if isinstance(obj, list | tuple):
-        return type(obj)(to_device(v, device) for v in obj)
+        items = [to_device(v, device, non_blocking) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        if hasattr(obj, "_fields"):  # a named tuple
+            return type(obj)(*items)
+        return type(obj)(items)
     return obj
 
 

@@ -252,10 +252,17 @@ class Problem:
         return None
 
     def get_batch(self) -> Any:
-        """The next batch; override for custom sampling."""
+        """The next batch; override for custom sampling (``batch_to_device`` then moves it)."""
         if self._stream is None:
             raise ZigguratError(f"problem '{self.name}' has not been initialized by an Engine.")
         return self._stream.next()
+
+    def batch_to_device(self, batch: Any, device: torch.device) -> Any:
+        """The batch ``training_step`` receives, from ``get_batch``'s: its tensors (in tuples,
+        named tuples, lists and dicts, at any depth) on ``device``, the device of the
+        problem's parameters; the batch itself when they are there already (no copy).
+        Override to keep a batch, or part of it, where the loader left it."""
+        return to_device(batch, device, non_blocking=device.type == "cuda")
 
     def on_inner_loop_start(self) -> None:
         """Called before the first step of each unroll (after warm-up)."""
@@ -455,9 +462,13 @@ class Problem:
         """
         if self._direct and self.comm is None and self._snapshot is None:
             # the common case, written out (it runs at every step): see ``_plain_step``
-            batch = self.cur_batch = self.get_batch()
+            params = self.trainable_parameters()
+            batch = self.get_batch()
+            if params:
+                batch = self.batch_to_device(batch, params[0].device)
+            self.cur_batch = batch
             if self.config is self._planned_config:  # (also after an epoch_callback)
-                self._plain_step(batch, self.trainable_parameters())
+                self._plain_step(batch, params)
             else:
                 self._step_on([batch])
             return
@@ -572,6 +583,10 @@ class Problem:
         """The step's micro-batches; ``cur_batch`` is the batch, or all of them."""
         n = self.config.gradient_accumulation
         batches = [self.get_batch()] if n == 1 else [self.get_batch() for _ in range(n)]
+        params = self.trainable_parameters()
+        if params:
+            device = params[0].device
+            batches = [self.batch_to_device(b, device) for b in batches]
         self.cur_batch = batches[0] if n == 1 else MicroBatches(batches)
         if self._snapshot is not None:  # roll_back: the unroll will be taken again
             self._unroll_batches.append(batches)

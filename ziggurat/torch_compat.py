@@ -1,4 +1,9 @@
-"""Small shims over PyTorch API differences between the versions ziggurat supports (>= 2.2)."""
+"""Small shims over PyTorch API differences between torch releases.
+
+ziggurat requires torch >= 2.8 (the whole test suite passes on 2.8.0, 2.11.0, 2.13.0 and
+2.14.1); the shims for older releases (< 2.4) are kept for a torch installed past pip's
+requirement, and tested only by simulating the old signatures.
+"""
 
 from __future__ import annotations
 

@@ -143,14 +143,21 @@ def _compiled_kernel(name: str = "kernel") -> Any | None:
     return _compiled[name]
 
 
-def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor, r_eps: float,
-                      ratio: float, k1: float, name: str = "kernel") -> Tensor | None:
+def _kernel_scalars(r_eps: float, ratio: float, k1: float, like: Tensor) -> list[Tensor]:
+    """The kernel's three coefficients as 0-dim tensors on ``like``'s device (passed as
+    tensors, so that a new value is no recompilation). ``torch.full`` is a fill kernel on a
+    GPU; ``torch.tensor`` would be a copy from the host that waits for the queued work."""
+    return [torch.full((), x, dtype=like.dtype, device=like.device) for x in (r_eps, ratio, k1)]
+
+
+def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor,
+                      scalars: list[Tensor], name: str = "kernel") -> Tensor | None:
     """P v by the compiled kernel ``name`` (returning the new tensor, or v itself for the
-    in-place one), or None (with a warning, once) when it cannot be compiled or run."""
+    in-place one), or None (with a warning, once) when it cannot be compiled or run;
+    ``scalars`` from ``_kernel_scalars``."""
     kernel = _compiled_kernel(name)
     if kernel is None:
         return None
-    scalars = [torch.tensor(x, dtype=vf.dtype, device=vf.device) for x in (r_eps, ratio, k1)]
     try:
         out: Tensor | None = kernel(vf, m, second, g, *scalars, torch.finfo(vf.dtype).tiny)
         return vf if out is None else out
@@ -193,7 +200,7 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any],
     # into v itself when asked and v is its own flat view (else into a new tensor, copied)
     direct = inplace and vf.dtype == v.dtype and v.is_contiguous()
     if COMPILE and older is None and vf.numel() >= COMPILE_MIN_ELEMENTS:
-        fused = _compiled_product(vf, m, second, g, r_eps, ratio, k1,
+        fused = _compiled_product(vf, m, second, g, _kernel_scalars(r_eps, ratio, k1, vf),
                                   name="kernel_" if direct else "kernel")
         if fused is not None:
             return _result(v, fused, inplace)
@@ -274,12 +281,13 @@ def adam_preconditioned_factors(factors: LinearFactors, step: AdamStep,
                                                  step.grad))
     out = torch.empty((n_out, n_in), dtype=dtype, device=inputs.device)
     flat = out.view(-1)
+    scalars = _kernel_scalars(r_eps, ratio, k1, out)  # (once: not one per block)
     rows = max(1, FUSED_BLOCK // max(1, n_in))
     for i in range(0, n_out, rows):
         j = min(i + rows, n_out)
         factors.dense_rows(i, j, out)
         a, b = i * n_in, j * n_in
-        if _compiled_product(flat[a:b], m[a:b], second[a:b], g[a:b], r_eps, ratio, k1,
+        if _compiled_product(flat[a:b], m[a:b], second[a:b], g[a:b], scalars,
                              name="kernel_") is None:  # (warned): the rest by the eager loop
             factors.dense_rows(j, n_out, out)
             _eager_product(flat[a:], m[a:], second[a:], g[a:], None, r_eps, ratio, k1,
