@@ -189,9 +189,11 @@ def _resumable(tmp_path: Path, device: torch.device, iters: int, resume: bool,
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     decay = Vec(torch.full((1,), -2.0, dtype=torch.float32))
     net, decay = net.to(device), decay.to(device)
+    # roll-back unrolls of 3 steps and a checkpoint every 4: the one at 4 falls inside an
+    # unroll, so the resumed run replays a saved batch (on the device again after loading)
     inner = zg.ImplicitProblem(
         "inner", net, torch.optim.Adam(net.parameters(), lr=0.01), train_data_loader=train,
-        config=zg.Config(type=zg.CG(iterations=2), unroll_steps=2),
+        config=zg.Config(type=zg.CG(iterations=2), unroll_steps=3, roll_back=True),
         training_step=lambda p, b: F.cross_entropy(p(b[0]), b[1]) + p.outer().exp().sum()
         * sum((w**2).sum() for w in p.module.parameters()))
     outer = zg.ImplicitProblem(

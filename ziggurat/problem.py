@@ -428,9 +428,16 @@ class Problem:
         self.method_state = to_device(dict(state["method_state"]), device)
         self._snapshot = None if state["snapshot"] is None else Snapshot.from_state_dict(
             self.module, self.optimizer, self.scheduler, to_device(state["snapshot"], device))
-        self._unroll_batches = list(state["unroll_batches"] or [])
+        # the batches of the step and of a roll-back unroll were saved as training_step got
+        # them, and are loaded on the CPU: on the device again, as ``batch_to_device`` puts
+        # them (the unroll's are replayed as they are)
+        moved = ((lambda b: self.batch_to_device(b, device)) if self.trainable_parameters()
+                 else (lambda b: b))
+        self._unroll_batches = [[moved(b) for b in step]
+                                for step in state["unroll_batches"] or []]
         batch = state["cur_batch"]
-        self.cur_batch = MicroBatches(batch) if state["cur_batch_micro"] else batch
+        self.cur_batch = (MicroBatches([moved(b) for b in batch]) if state["cur_batch_micro"]
+                          else moved(batch))
         self.last_loss = state["last_loss"]
 
     def end_unroll(self) -> None:
