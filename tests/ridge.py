@@ -62,6 +62,18 @@ class Ridge:
         return zg.InnerObjective([theta], [lam], lambda: self.inner_loss(theta, lam), **kw)
 
 
+def fit_on(batch: tuple[Tensor, Tensor], theta: Tensor) -> Tensor:
+    """‖xθ − y‖²/(2n) on a batch (x, y): L_out, and the data part of L_in."""
+    x, y = batch
+    res = x @ theta - y
+    return 0.5 * (res @ res) / x.shape[0]
+
+
+def inner_loss_on(batch: tuple[Tensor, Tensor], theta: Tensor, lam: Tensor) -> Tensor:
+    """L_in on a batch: ‖xθ − y‖²/(2n) + ½ Σ_i exp(λ_i) θ_i²."""
+    return fit_on(batch, theta) + 0.5 * (lam.exp() * theta**2).sum()
+
+
 def make_ridge(condition: float, dim: int = 6, n: int = 40, seed: int = 0) -> Ridge:
     """A ridge problem whose Hessian H has condition number ``condition`` (at λ as built)."""
     g = torch.Generator().manual_seed(seed)

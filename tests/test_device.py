@@ -25,7 +25,7 @@ from ziggurat.data import to_device
 from ziggurat.hypergrad import sama
 
 from helpers import DTYPE, Vec
-from ridge import Ridge, make_ridge, rel_err
+from ridge import Ridge, fit_on, inner_loss_on, make_ridge, rel_err
 
 QUIET = {"summary": False, "progress": "off"}
 NOT_CPU = "compares the device with the CPU: needs --device other than cpu"
@@ -46,16 +46,12 @@ def _ridge_program(r: Ridge, method: Any, device: torch.device, lower_lr: float 
     cpu_batches = [(r.X, r.y)], [(r.Xv, r.yv)]
 
     def inner_loss(p: zg.Problem, b: Any) -> torch.Tensor:
-        x, y = b
-        assert x.device == p.device, "the engine hands each batch over on the problem's device"
-        res = x @ p() - y
-        return 0.5 * (res @ res) / x.shape[0] + 0.5 * (p.outer().exp() * p() ** 2).sum()
+        assert b[0].device == p.device, "the engine hands each batch over on the problem's device"
+        return inner_loss_on(b, p(), p.outer())
 
     class Outer(zg.ImplicitProblem):
         def training_step(self, b: Any) -> torch.Tensor:
-            x, y = b
-            res = x @ self.inner() - y
-            return 0.5 * (res @ res) / x.shape[0]
+            return fit_on(b, self.inner())
 
         def grad_callback(self, grads: list[torch.Tensor]) -> None:
             seen.append((grads[0].clone(), self.inner.module.theta.detach().clone()))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ziggurat as zg
 
 from helpers import DTYPE, Vec
-from ridge import make_ridge, rel_err
+from ridge import fit_on, inner_loss_on, make_ridge, rel_err
 
 
 def _ridge_program(method: Any, accumulation: int, batches: list[Any], outer_batches: list[Any],
@@ -22,15 +22,11 @@ def _ridge_program(method: Any, accumulation: int, batches: list[Any], outer_bat
     seen: list[torch.Tensor] = []
 
     def inner_loss(p: zg.Problem, b: Any) -> torch.Tensor:
-        x, y = b
-        res = x @ p() - y
-        return 0.5 * (res @ res) / x.shape[0] + 0.5 * (p.outer().exp() * p() ** 2).sum()
+        return inner_loss_on(b, p(), p.outer())
 
     class Outer(zg.ImplicitProblem):
         def training_step(self, b: Any) -> torch.Tensor:
-            x, y = b
-            res = x @ self.inner() - y
-            return 0.5 * (res @ res) / x.shape[0]
+            return fit_on(b, self.inner())
 
         def grad_callback(self, grads: list[torch.Tensor]) -> None:
             seen.append(grads[0].clone())
