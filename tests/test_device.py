@@ -256,7 +256,7 @@ class _Pair(NamedTuple):
 
 
 def test_batches_move_to_the_device_with_their_containers() -> None:
-    """``to_device`` (what ``Problem.get_batch`` applies): every tensor at any depth moves
+    """``to_device`` (what ``Problem.batch_to_device`` applies): every tensor at any depth moves
     ("meta" stands in for a second device here), named tuples and dict subclasses keep their
     type, and a batch already on the device is returned itself, not copied."""
     meta = torch.device("meta")
@@ -271,6 +271,69 @@ def test_batches_move_to_the_device_with_their_containers() -> None:
     assert to_device(moved, meta) is moved
     keyed = defaultdict(list, {"x": torch.ones(1)})
     assert type(to_device(keyed, meta)) is defaultdict
+
+    class Batch(dict):  # a dict subclass without a copy() of its own
+        pass
+
+    assert type(to_device(Batch(x=torch.ones(1)), meta)) is Batch
+    t = torch.ones(2)
+    twice = to_device((t, [t], "tag"), meta)
+    assert twice[0] is twice[1][0]  # one tensor in two places: one copy in both
+
+
+def test_parameters_on_the_cpu_leave_a_batch_where_the_loader_put_it() -> None:
+    """Nothing moves towards the CPU ("meta" stands in for a GPU the loader used)."""
+    m = Vec([1.0])
+    p = zg.ImplicitProblem("p", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                           training_step=lambda p, b: p().sum())
+    batch = (torch.ones(2, device="meta"),)
+    assert p.batch_to_device(batch, torch.device("cpu")) is batch
+
+
+def test_every_batch_goes_through_the_hook_also_micro_batches_and_restored_ones(
+        tmp_path: Path) -> None:
+    """A recording ``batch_to_device``: called with the parameters' device for every
+    micro-batch drawn (accumulation) and again for each batch a checkpoint restores (the
+    step's and the cut roll-back unroll's), and what it returns is what training_step gets."""
+    calls: list[torch.device] = []
+    got: list[int] = []
+
+    class Recording(zg.ImplicitProblem):
+        def batch_to_device(self, batch: Any, device: torch.device) -> Any:
+            calls.append(device)
+            return batch if isinstance(batch, tuple) and len(batch) == 3 else (*batch, "seen")
+
+        def training_step(self, b: Any) -> torch.Tensor:
+            got.append(len(b))
+            x, y, _ = b
+            return F.mse_loss(self(x).squeeze(-1), y) + self.outer().exp().sum() * (
+                self.module.weight ** 2).sum()
+
+    def program(iters: int, resume: bool) -> zg.Engine:
+        torch.manual_seed(0)
+        data = [(torch.randn(4, 3), torch.randn(4)) for _ in range(6)]
+        lin, hp = torch.nn.Linear(3, 1), Vec(torch.full((1,), -2.0))
+        inner = Recording("inner", lin, torch.optim.SGD(lin.parameters(), lr=0.1),
+                          train_data_loader=data, config=zg.Config(
+                              type="darts", unroll_steps=3, roll_back=True,
+                              gradient_accumulation=2))
+        outer = zg.ImplicitProblem("outer", hp, torch.optim.SGD(hp.parameters(), lr=0.1),
+                                   train_data_loader=data[:1],
+                                   training_step=lambda p, b: F.mse_loss(
+                                       p.inner(b[0]).squeeze(-1), b[1]))
+        return zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(
+            train_iters=iters, checkpoint_dir=str(tmp_path), checkpoint_step=4,
+            resume=resume, **QUIET))
+
+    program(4, False).run()
+    drawn = len(calls)
+    assert drawn > 0 and set(calls) == {torch.device("cpu")} and set(got) == {3}
+    resumed = program(4, True)
+    resumed.run()  # (at its last iteration already: only the load runs)
+    inner = resumed.problems[1]
+    restored = len(calls) - drawn
+    saved = sum(len(step) for step in inner._unroll_batches) + len(list(inner.cur_batch))
+    assert inner._unroll_batches and restored == saved  # each restored batch went through it
 
 
 def test_batch_to_device_overridden_keeps_the_batch_where_it_is(device: torch.device) -> None:
@@ -362,3 +425,23 @@ def test_large_model_hypergradients_equal_the_cpus(device: torch.device, method:
     for d, c in zip(on_device, on_cpu):
         assert d.device.type == device.type
         assert rel_err(d.cpu(), c) <= 1e-9, f"{method}: {rel_err(d.cpu(), c):.1e}"
+
+
+def test_resume_under_accumulation_when_the_batch_could_not_be_saved(tmp_path: Path) -> None:
+    """Named-tuple batches are not saved (not plain): the restored micro-batches are None,
+    and resuming must not iterate over them (it raised TypeError before)."""
+    def program(iters: int, resume: bool) -> zg.Engine:
+        m = Vec([1.0, -1.0])
+        p = zg.ImplicitProblem(
+            "p", m, torch.optim.SGD(m.parameters(), lr=0.1),
+            train_data_loader=[_Pair(torch.ones(2, dtype=DTYPE), torch.zeros(2, dtype=DTYPE))],
+            config=zg.Config(gradient_accumulation=2),
+            training_step=lambda p, b: ((p() - b.x) ** 2).sum())
+        return zg.Engine([p], config=zg.EngineConfig(
+            train_iters=iters, checkpoint_dir=str(tmp_path), checkpoint_step=2, resume=resume,
+            **QUIET))
+
+    program(2, False).run()
+    resumed = program(4, True)
+    resumed.run()
+    assert resumed.global_step == 4 and resumed.problems[0].count == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -13,7 +14,9 @@ from .errors import ConfigError
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """``obj`` with every tensor on ``device``: tensors in dicts, lists and tuples (named
     tuples and dict subclasses keep their type), at any depth; ``obj`` itself, not a copy,
-    when every tensor is already there. ``non_blocking`` as in ``Tensor.to``."""
+    when every tensor is already there; a tensor that occurs twice is moved once (both
+    places hold the same copy). Other objects are left as they are. ``non_blocking`` as in
+    ``Tensor.to``."""
     kind = type(obj)
     if kind is tuple or kind is list:  # the common batch, checked first: it runs every step
         for v in obj:
@@ -21,17 +24,27 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
                 break
         else:
             return obj
+    return _moved(obj, device, non_blocking, {})
+
+
+def _moved(obj: Any, device: torch.device, non_blocking: bool,
+           memo: dict[int, torch.Tensor]) -> Any:
+    """``to_device``'s walk; ``memo`` maps the id of each tensor moved to its copy."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+        if obj.device == device:
+            return obj
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device, non_blocking=non_blocking)
+        return memo[id(obj)]
     if isinstance(obj, dict):
-        moved = {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        moved = {k: _moved(v, device, non_blocking, memo) for k, v in obj.items()}
         if all(moved[k] is v for k, v in obj.items()):
             return obj
-        out = obj.copy()  # (the subclass's own copy: OrderedDict, defaultdict keep theirs)
+        out = copy.copy(obj)  # (keeps a subclass: OrderedDict, defaultdict, dict(...) ones)
         out.update(moved)
         return out
     if isinstance(obj, list | tuple):
-        items = [to_device(v, device, non_blocking) for v in obj]
+        items = [_moved(v, device, non_blocking, memo) for v in obj]
         if all(a is b for a, b in zip(items, obj)):
             return obj
         if hasattr(obj, "_fields"):  # a named tuple

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .data import to_device
 from .errors import ConfigError, ZigguratError
 from .problem import MicroBatches, Problem
 from .systems.distributed import Communicator, init_distributed
@@ -176,11 +177,12 @@ def _local_state(p: Problem) -> dict[str, Any]:
 
     batch = list(p.cur_batch) if isinstance(p.cur_batch, MicroBatches) else p.cur_batch
     stream = p._stream
+    cpu = torch.device("cpu")  # (gathered from every rank: not onto every rank's GPU)
     return {
         "stream": None if stream is None else stream.state_dict(),
-        "cur_batch": batch if is_plain(batch) else None,
+        "cur_batch": to_device(batch, cpu) if is_plain(batch) else None,
         "cur_batch_micro": isinstance(p.cur_batch, MicroBatches),
-        "unroll_batches": p._unroll_batches,
+        "unroll_batches": to_device(p._unroll_batches, cpu),
         "last_loss": p.last_loss,
         "method_state": p.method_state,
     }

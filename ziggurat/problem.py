@@ -258,10 +258,16 @@ class Problem:
         return self._stream.next()
 
     def batch_to_device(self, batch: Any, device: torch.device) -> Any:
-        """The batch ``training_step`` receives, from ``get_batch``'s: its tensors (in tuples,
-        named tuples, lists and dicts, at any depth) on ``device``, the device of the
-        problem's parameters; the batch itself when they are there already (no copy).
-        Override to keep a batch, or part of it, where the loader left it."""
+        """The batch ``training_step`` receives, from ``get_batch``'s. ``device`` is that of
+        the problem's first trainable parameter; when it is an accelerator, the batch's
+        tensors (in tuples, named tuples, lists and dicts, at any depth) go there
+        (``ziggurat.data.to_device``; the batch itself when they are there already). On the
+        CPU nothing moves: a batch a loader put on a GPU stays there. Override to keep a
+        batch, or part of it, where the loader left it, or to move objects of your own;
+        the hook is applied again to the batches a checkpoint restores (they load on the
+        CPU), so it must give back a batch it returned before unchanged."""
+        if device.type == "cpu":
+            return batch
         return to_device(batch, device, non_blocking=device.type == "cuda")
 
     def on_inner_loop_start(self) -> None:
@@ -436,8 +442,8 @@ class Problem:
         self._unroll_batches = [[moved(b) for b in step]
                                 for step in state["unroll_batches"] or []]
         batch = state["cur_batch"]
-        self.cur_batch = (MicroBatches([moved(b) for b in batch]) if state["cur_batch_micro"]
-                          else moved(batch))
+        self.cur_batch = (MicroBatches([moved(b) for b in batch])
+                          if state["cur_batch_micro"] and batch is not None else moved(batch))
         self.last_loss = state["last_loss"]
 
     def end_unroll(self) -> None:
