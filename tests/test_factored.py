@@ -221,9 +221,9 @@ def test_sama_adam_factored_equals_dense_and_exact(
     seen = {"factors": 0}
     real = sama.adam_preconditioned_factors
 
-    def spy(*args: Any) -> torch.Tensor:
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen["factors"] += 1
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(sama, "adam_preconditioned_factors", spy)
     out = run(zg.SAMA(mixed="forward"), adam=True)

@@ -28,7 +28,7 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -172,7 +172,7 @@ def _compiled_product(vf: Tensor, m: Tensor, second: Tensor, g: Tensor,
 
 
 def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any],
-                        inplace: bool = False) -> Tensor:
+                        inplace: bool = False, t: float | None = None) -> Tensor:
     """P v with P = ∂u/∂g (elementwise) of the last Adam step, from its state after the step.
 
     With s = √v_t, r = √(1−β₂ᵗ), D = s + rε (so √v̂ + ε = D/r) and k = η r (1−β₁)/(1−β₁ᵗ),
@@ -189,8 +189,9 @@ def adam_preconditioned(v: Tensor, step: AdamStep, state: dict[str, Any],
     s / max(s, tiny), which is 1 wherever s > 0: √ of the smallest subnormal exceeds the
     smallest normal number), not Adam's degenerate η(1−β₁)/((1−β₁ᵗ)ε) at g = 0, which would
     dwarf every other entry of P v. With ``inplace`` P v is written into v (and v returned).
+    ``t``: the step count, when already read (else ``float(state["step"])``).
     """
-    r_eps, ratio, k1 = _coefficients(step, state)
+    r_eps, ratio, k1 = _coefficients(step, _step_count(state, t))
     second_all = state["max_exp_avg_sq"] if step.amsgrad else state["exp_avg_sq"]
     dtype = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
     vf, m, second, g = (_flat(x).to(dtype) for x in (v, state["exp_avg"], second_all,
@@ -218,9 +219,32 @@ def _result(v: Tensor, out: Tensor, inplace: bool) -> Tensor:
     return out.view(v.shape).to(v.dtype)
 
 
-def _coefficients(step: AdamStep, state: dict[str, Any]) -> tuple[float, float, float]:
-    """(r ε, −(1−β₂)/(1−β₁), k) of ``adam_preconditioned``'s formula for this step."""
-    t = float(state["step"])
+def _step_count(state: dict[str, Any], t: float | None) -> float:
+    """``t``, else the state's step counter as a float."""
+    return float(state["step"]) if t is None else t
+
+
+def step_counts(counters: Sequence[Tensor | float]) -> list[float]:
+    """The values of Adam step counters, read with one transfer per device: torch.optim
+    keeps them on the CPU (reading one is no host sync), except fused or capturable Adam,
+    which keeps them on the parameters' device (one sync for all of them, not one each)."""
+    values: list[float] = [0.0] * len(counters)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, c in enumerate(counters):
+        if not isinstance(c, Tensor) or c.device.type == "cpu":
+            values[i] = float(c)
+        else:
+            by_device.setdefault(c.device, []).append(i)
+    for indices in by_device.values():
+        read = torch.stack([cast(Tensor, counters[i]).reshape(()).double()
+                            for i in indices]).tolist()
+        for i, x in zip(indices, read):
+            values[i] = x
+    return values
+
+
+def _coefficients(step: AdamStep, t: float) -> tuple[float, float, float]:
+    """(r ε, −(1−β₂)/(1−β₁), k) of ``adam_preconditioned``'s formula for step ``t``."""
     bc1 = 1.0 - step.beta1**t
     bc2 = 1.0 - step.beta2**t
     r = bc2**0.5
@@ -262,21 +286,22 @@ FUSED_BLOCK = 1 << 20
 
 
 def adam_preconditioned_factors(factors: LinearFactors, step: AdamStep,
-                                state: dict[str, Any]) -> Tensor:
+                                state: dict[str, Any], t: float | None = None) -> Tensor:
     """P v_W for a weight's v_W = Δᵀ X + R given in factors (``factored.LinearFactors``).
 
     With the compiled kernel (a tensor of ``COMPILE_MIN_ELEMENTS`` or more, no amsgrad,
     float32 / float64), v_W is formed by blocks of rows (``FUSED_BLOCK`` elements), each one
     preconditioned in place right after its product, while it is in cache: one pass over
     θ-sized memory fewer than forming v_W and then computing P v_W, and no second θ-sized
-    result. Else v_W is formed and P applied in place (``adam_preconditioned``)."""
+    result. Else v_W is formed and P applied in place (``adam_preconditioned``). ``t`` as
+    for ``adam_preconditioned``."""
     inputs = factors.inputs
     n_out, n_in = factors.shape
     dtype = inputs.dtype
     if not (COMPILE and not step.amsgrad and n_out * n_in >= COMPILE_MIN_ELEMENTS
             and dtype in (torch.float32, torch.float64)):
-        return adam_preconditioned(factors.dense(), step, state, inplace=True)
-    r_eps, ratio, k1 = _coefficients(step, state)
+        return adam_preconditioned(factors.dense(), step, state, inplace=True, t=t)
+    r_eps, ratio, k1 = _coefficients(step, _step_count(state, t))
     m, second, g = (_flat(x).to(dtype) for x in (state["exp_avg"], state["exp_avg_sq"],
                                                  step.grad))
     out = torch.empty((n_out, n_in), dtype=dtype, device=inputs.device)
@@ -382,16 +407,19 @@ class SAMA(HypergradMethod):
             )
         opt = _unwrap(objective.optimizer)
         record: dict[int, float | dict[str, Any]] = objective.state["sama"]
+        params = objective.params
+        adam = [i for i in range(len(params)) if isinstance(record.get(i), dict)]
+        counts = dict(zip(adam, step_counts([opt.state[params[i]]["step"] for i in adam])))
         out: TensorList = []
-        for index, (p, vi) in enumerate(zip(objective.params, v)):
+        for index, (p, vi) in enumerate(zip(params, v)):
             rec = record.get(index)
             factors = vi if isinstance(vi, LinearFactors) else None
             if rec is None:
                 out.append(torch.zeros_like(p))
             elif isinstance(rec, dict):
-                step = AdamStep(**rec)
-                out.append(adam_preconditioned(vi, step, opt.state[p]) if factors is None
-                           else adam_preconditioned_factors(factors, step, opt.state[p]))
+                step, t = AdamStep(**rec), counts[index]
+                out.append(adam_preconditioned(vi, step, opt.state[p], t=t) if factors is None
+                           else adam_preconditioned_factors(factors, step, opt.state[p], t=t))
             else:  # (a factored entry formed here is this call's own: scaled in place)
                 out.append(vi * rec if factors is None else factors.dense().mul_(rec))
         if objective.reduce is not None and objective.reduce.shards_optimizer_state:

@@ -90,6 +90,7 @@ def from_torch(
     groups = _groups_by_param(optimizer)
     hyper: Hyper = []
     state: State = []
+    on_device: list[dict[str, Tensor]] = []  # states whose step counter is on a device
     for i, p in enumerate(params):
         group = _group_of(groups, p, i, optimizer, "from_torch")
         h = twin.hyper_from_group(group)
@@ -107,8 +108,26 @@ def from_torch(
                 value = torch.tensor(float(value), dtype=zero_step().dtype)
             if isinstance(value, Tensor):
                 converted[key] = value.detach().clone()
+        if "step" in converted and converted["step"].device.type != "cpu":
+            on_device.append(converted)
         state.append(converted)
+    _counters_to_cpu(on_device)
     return twin, state, hyper
+
+
+def _counters_to_cpu(states: Sequence[dict[str, Tensor]]) -> None:
+    """Step counters that fused or capturable torch optimizers keep on the parameters'
+    device, moved to the CPU as torch's other optimizers keep them (the functional step
+    reads its counter as a number: on the CPU that is no host sync) in one transfer per
+    device, not one each."""
+    by_device: dict[torch.device, list[dict[str, Tensor]]] = {}
+    for s in states:
+        by_device.setdefault(s["step"].device, []).append(s)
+    dtype = zero_step().dtype
+    for group in by_device.values():
+        moved = torch.stack([s["step"].reshape(()).to(dtype) for s in group]).cpu()
+        for s, counter in zip(group, moved.unbind()):
+            s["step"] = counter.clone()  # (its own storage, not a view of the stack)
 
 
 def write_back(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: StateIn) -> None:
