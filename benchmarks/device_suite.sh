@@ -20,7 +20,8 @@
 #
 #   env       the GPU, python, torch and CUDA versions
 #   tests     pytest --device cuda tests/test_device.py (whole programs on the GPU against
-#             closed forms and against the same program on the CPU) and the fp16 test
+#             closed forms and against the same program on the CPU), tests/test_host_syncs.py
+#             (host reads of device values per step, exact on a GPU) and the fp16 test
 #   meta      benchmarks/meta_iteration.py --device cuda --in-process, 8M 32M 2M, every
 #             method and library
 #   overhead  benchmarks/overhead.py --device cuda (framework overhead, unroll 100)
@@ -84,7 +85,7 @@ section env 30 bash -c "nvidia-smi -L 2>&1; $PY -c 'import sys, torch; print(sys
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'"
 section tests 120 "$PY" -m pytest -v -p no:cacheprovider --device "$DEVICE" tests/test_device.py \
-    tests/test_systems.py::test_fp16_loss_scaling_on_cuda -rs --durations=5
+    tests/test_host_syncs.py tests/test_systems.py::test_fp16_loss_scaling_on_cuda -rs --durations=5
 section meta 180 "$PY" benchmarks/meta_iteration.py --device "$DEVICE" \
     "${IN_PROCESS[@]}" --sizes 8M 32M 2M --repeats 9 "${QUICK[@]}"
 section overhead 60 "$PY" benchmarks/overhead.py --device "$DEVICE" --repeats 9 "${QUICK[@]}"

@@ -50,7 +50,8 @@ class Config:
             "virtual step, meta step, real step"; Betty's roll-back for one step).
         warmup_steps: this problem's first steps that do not count towards an upper step.
         check_finite: stop with an error naming the problem and step when a hypergradient
-            this problem receives is NaN or infinite.
+            this problem receives is NaN or infinite. Reads the hypergradient's norm on the
+            host: one device sync per hypergradient, which False removes.
         gradient_accumulation: micro-batches per step; their gradients are averaged (each
             differentiated on its own) before the hypergradient, clipping and the step.
         gradient_clipping: clip the final gradient (hypergradient included) to this total
