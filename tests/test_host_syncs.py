@@ -8,7 +8,10 @@ that a new read in a solver loop fails here, on the CPU, before it costs a GPU r
 Counted by a ``TorchFunctionMode`` (every Python-level tensor call passes through it):
 
 * on a device other than the CPU (``pytest --device cuda``): every read of a tensor that is
-  not on the CPU, and every copy from the device to the CPU (exact);
+  not on the CPU, and every copy from the device to the CPU; on CUDA, every synchronizing
+  call besides (``torch.cuda.set_sync_debug_mode("warn")``: a blocking copy to the GPU, an
+  op whose output size depends on values) must be one of those reads, so the count is
+  exact;
 * on the CPU (the proxy CI runs): every scalar read (``item`` ... ``numpy``), except of the
   step counters of torch.optim (on the CPU on every device, except a fused or capturable
   optimizer's on an accelerator) and of the functional optimizers' counters (on the CPU by
@@ -23,6 +26,7 @@ mixed product (its radius ε = fd_eps/‖v‖ is a host number), one per CG iter
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,7 +42,7 @@ from ziggurat.optim import functional
 
 from helpers import DTYPE
 
-QUIET = {"summary": False, "progress": "off"}
+QUIET: dict[str, Any] = {"summary": False, "progress": "off"}
 
 _T = torch.Tensor
 #: Tensor methods that hand a value to the host
@@ -86,13 +90,47 @@ class HostReads(TorchFunctionMode):
                 or any(t is c for c in self.cpu_counters()))
 
     def _record(self, func: Any) -> None:
-        frame = sys._getframe(2)
-        while frame is not None and "ziggurat" not in frame.f_code.co_filename.replace(
-                "tests", ""):
-            frame = frame.f_back  # type: ignore[assignment]
-        where = ("?" if frame is None
-                 else f"{frame.f_code.co_filename.split('ziggurat/')[-1]}:{frame.f_lineno}")
-        self.reads.append(f"{getattr(func, '__name__', func)} at {where}")
+        self.reads.append(f"{getattr(func, '__name__', func)} at {_library_line()}")
+
+
+def _library_line() -> str:
+    """The innermost line of the library's own code on the stack ("?" when none)."""
+    frame: Any = sys._getframe(2)
+    while frame is not None and "ziggurat" not in frame.f_code.co_filename.replace(
+            "tests", ""):
+        frame = frame.f_back
+    return ("?" if frame is None
+            else f"{frame.f_code.co_filename.split('ziggurat/')[-1]}:{frame.f_lineno}")
+
+
+class CudaSyncs:
+    """Every synchronizing CUDA call made inside, with the Python line that made it (on a
+    CUDA device; elsewhere it records nothing)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.active = device.type == "cuda"
+        self.syncs: list[str] = []
+        self._caught = warnings.catch_warnings()
+        self._before: int | str = 0
+
+    def __enter__(self) -> CudaSyncs:
+        if self.active:
+            self._caught.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._show
+            self._before = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            torch.cuda.set_sync_debug_mode(self._before)
+            self._caught.__exit__(None, None, None)
+
+    def _show(self, message: Warning | str, category: type[Warning], filename: str,
+              lineno: int, file: Any = None, line: str | None = None) -> None:
+        if "synchroniz" in str(message):  # ("called a synchronizing CUDA operation")
+            self.syncs.append(f"sync at {_library_line()}")
 
 
 def _cpu_counters(optimizers: list[torch.optim.Optimizer]) -> Callable[[], list[_T]]:
@@ -125,7 +163,9 @@ class Program:
         params = self.classifier.parameters()
         opt = {"sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
                "adam": lambda: torch.optim.Adam(params, lr=1e-3),
-               "adam-fused": lambda: torch.optim.Adam(params, lr=1e-3, fused=True)}[optimizer]()
+               "adam-fused": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
+               "adam-capturable": lambda: torch.optim.Adam(params, lr=1e-3, capturable=True)
+               }[optimizer]()
 
         def weighted(p: zg.Problem, b: Any) -> _T:
             losses = F.cross_entropy(p(b[0]), b[1], reduction="none")
@@ -148,8 +188,12 @@ class Program:
     def counting(self) -> Iterator[HostReads]:
         mode = HostReads(self.device, _cpu_counters([self.lower.optimizer,
                                                      self.upper.optimizer]))
-        with mode:
+        syncs = CudaSyncs(self.device)
+        with syncs, mode:
             yield mode
+        # every CUDA sync is a read the mode saw (so its count and places are the syncs')
+        assert not syncs.active or len(syncs.syncs) == len(mode.reads), (syncs.syncs,
+                                                                          mode.reads)
 
     def hypergradients(self) -> int:
         return self.upper.count
@@ -189,6 +233,8 @@ CASES: list[tuple[str, Callable[[], Any], dict[str, Any], int]] = [
      {"iterative": True, "unroll_steps": 3, "optimizer": "adam"}, 0),
     ("forward-adam", lambda: zg.Forward(),
      {"iterative": True, "unroll_steps": 3, "optimizer": "adam"}, 0),
+    ("evolution-strategies", lambda: zg.EvolutionStrategies(samples=2, sigma=0.1),
+     {"iterative": True, "unroll_steps": 2}, 0),
 ]
 
 
@@ -214,16 +260,20 @@ def test_lower_steps_read_nothing(device: torch.device) -> None:
     assert mode.reads == []
 
 
+@pytest.mark.parametrize("optimizer", ["adam-fused", "adam-capturable"])
 @pytest.mark.parametrize("iterative", [False, True], ids=["sama-adam", "reverse-adam"])
 def test_fused_adams_counters_are_read_once_not_per_parameter(device: torch.device,
-                                                              iterative: bool) -> None:
+                                                              iterative: bool,
+                                                              optimizer: str) -> None:
     """Fused Adam keeps its step counters on the parameters' device: SAMA reads all of them
     in one transfer, and an unrolled problem moves them to the CPU once per unroll (where
     the functional step reads them without a sync), not one read per parameter and step.
     (With CPU parameters the counters are on the CPU: only check_finite's read.)"""
+    if optimizer == "adam-capturable" and device.type == "cpu":
+        pytest.skip("capturable Adam needs an accelerator: run with --device cuda")
     settings: dict[str, Any] = ({"iterative": True, "unroll_steps": 3} if iterative else {})
     program = Program(device, zg.Reverse() if iterative else zg.SAMA(),
-                      optimizer="adam-fused", **settings)
+                      optimizer=optimizer, **settings)
     reads = _reads_per_hypergradient(program, steps=2 * settings.get("unroll_steps", 1))
     counters = 0 if device.type == "cpu" else 1  # (the counters' one transfer)
     assert len(reads) == 1 + counters, reads  # check_finite's, and the counters''

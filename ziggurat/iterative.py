@@ -467,19 +467,21 @@ class IterativeProblem(Problem):
         try:
             with fixed_randomness(params):
                 for _ in range(method.samples):
-                    eps = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
-                           for t in lam]
+                    # (drawn on the CPU: the same numbers on every device; a copy that does
+                    # not wait for the queued work)
+                    eps = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(
+                        t.device, non_blocking=True) for t in lam]
                     values = []
                     for sign in (1.0, -1.0):
                         with torch.no_grad():
                             for t, s, e in zip(lam, saved_lam, eps):
                                 t.copy_(s + sign * method.sigma * e)
                         self._es_replay()
-                        values.append(sum(float((vi * p.detach()).sum())
-                                          for vi, p in zip(v, params)))
+                        # <v, θ> as a tensor: no host read per sample
+                        values.append(linalg.dot(v, [p.detach() for p in params]))
                     scale = (values[0] - values[1]) / (2.0 * method.sigma * method.samples)
                     for acc, e in zip(estimate, eps):
-                        acc.add_(e, alpha=scale)
+                        acc.add_(e * scale.to(e.dtype))
         finally:
             with torch.no_grad():
                 for t, s in zip(lam, saved_lam):

@@ -43,8 +43,8 @@ def step_size(
         params = list(objective.params)
         if start is None or any(a.shape != p.shape for a, p in zip(start, params)):
             generator = torch.Generator().manual_seed(0)
-            start = [torch.randn(p.shape, dtype=p.dtype, generator=generator).to(p.device)
-                     for p in params]
+            start = [torch.randn(p.shape, dtype=p.dtype, generator=generator).to(
+                p.device, non_blocking=True) for p in params]  # (no wait for queued work)
         estimate, vector = linalg.power_iteration(curvature.hvp, start, power_iterations)
         # kept as tensors: a factored iterate would hold this call's activations, and the
         # state is checkpointed (weights_only)

@@ -89,17 +89,29 @@ class AdamStep:
     grad: Tensor
 
 
-def _adam_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], p: Tensor) -> AdamStep:
-    grad = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-    wd = float(group.get("weight_decay", 0.0))
+#: a param group's Adam settings as numbers: (lr, beta1, beta2, eps, amsgrad, weight decay,
+#: decoupled)
+_AdamGroup = tuple[float, float, float, float, bool, float, bool]
+
+
+def _adam_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> _AdamGroup:
+    """The group's settings read once per step, not per parameter (a tensor ``lr`` on a GPU,
+    as capturable Adam allows, is a host sync per read)."""
+    beta1, beta2 = (float(b) for b in group["betas"])
     decoupled = type(optimizer) is torch.optim.AdamW or group.get("decoupled_weight_decay", False)
+    return (float(group["lr"]), beta1, beta2, float(group["eps"]),
+            bool(group.get("amsgrad", False)), float(group.get("weight_decay", 0.0)),
+            bool(decoupled))
+
+
+def _adam_step(settings: _AdamGroup, p: Tensor) -> AdamStep:
+    lr, beta1, beta2, eps, amsgrad, wd, decoupled = settings
+    grad = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
     # the gradient tensor itself, not a copy: torch.optim's SGD / Adam / AdamW never write
     # into p.grad (with maximize=False, enforced above), and the problem drops p.grad after
     # the step, so the record is its only holder (a copy cost one parameter-sized peak)
     grad = grad.add(p.detach(), alpha=wd) if wd != 0.0 and not decoupled else grad
-    beta1, beta2 = (float(b) for b in group["betas"])
-    return AdamStep(float(group["lr"]), beta1, beta2, float(group["eps"]),
-                    bool(group.get("amsgrad", False)), grad)
+    return AdamStep(lr, beta1, beta2, eps, amsgrad, grad)
 
 
 #: Elements per block of ``adam_preconditioned``'s eager loop on CPU: its temporaries (three
@@ -236,8 +248,10 @@ def step_counts(counters: Sequence[Tensor | float]) -> list[float]:
         else:
             by_device.setdefault(c.device, []).append(i)
     for indices in by_device.values():
-        read = torch.stack([cast(Tensor, counters[i]).reshape(()).double()
-                            for i in indices]).tolist()
+        group = [cast(Tensor, counters[i]).reshape(()) for i in indices]
+        if any(c.dtype != group[0].dtype for c in group):  # (float64 where all are not alike)
+            group = [c.double() for c in group]
+        read = torch.stack(group).tolist()
         for i, x in zip(indices, read):
             values[i] = x
     return values
@@ -360,6 +374,9 @@ class SAMA(HypergradMethod):
         _check_supported(opt, name)
         groups = _group_of(opt)
         record: dict[int, float | dict[str, Any]] = {}
+        # (a group's settings read once, not per parameter: see ``_adam_group``)
+        settings: dict[int, _AdamGroup] = {}
+        coefficients: dict[tuple[int, bool], float] = {}
         for index, p in enumerate(params):
             group = groups.get(id(p))
             if group is None or p.grad is None:
@@ -371,9 +388,15 @@ class SAMA(HypergradMethod):
                 )
             if type(opt) is torch.optim.SGD:
                 buf = opt.state.get(p, {}).get("momentum_buffer")
-                record[index] = _sgd_coefficient(group, first_step=buf is None)
+                sgd = (id(group), buf is None)
+                if sgd not in coefficients:
+                    coefficients[sgd] = _sgd_coefficient(group, first_step=buf is None)
+                record[index] = coefficients[sgd]
             else:
-                adam = _adam_step(opt, group, p)
+                key = id(group)
+                if key not in settings:
+                    settings[key] = _adam_group(opt, group)
+                adam = _adam_step(settings[key], p)
                 # not dataclasses.asdict: it deep-copies the gradient tensor (a θ-sized copy
                 # per lower step)
                 record[index] = {f.name: getattr(adam, f.name) for f in dataclasses.fields(adam)}

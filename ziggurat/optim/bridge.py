@@ -125,7 +125,11 @@ def _counters_to_cpu(states: Sequence[dict[str, Tensor]]) -> None:
         by_device.setdefault(s["step"].device, []).append(s)
     dtype = zero_step().dtype
     for group in by_device.values():
-        moved = torch.stack([s["step"].reshape(()).to(dtype) for s in group]).cpu()
+        counters = [s["step"].reshape(()) for s in group]
+        common = counters[0].dtype
+        if any(c.dtype != common for c in counters):
+            counters = [c.double() for c in counters]
+        moved = torch.stack(counters).cpu().to(dtype)
         for s, counter in zip(group, moved.unbind()):
             s["step"] = counter.clone()  # (its own storage, not a view of the stack)
 
@@ -156,7 +160,16 @@ def write_back(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state
             )
         stored = {k: v.detach().clone() for k, v in s.items()}
         if "step" in stored and group.get("fused", False):
-            stored["step"] = stored["step"].to(device=p.device, dtype=torch.float32)
+            stored["step"] = _counter_on(stored["step"], p.device, torch.float32)
         elif "step" in stored and group.get("capturable", False):
-            stored["step"] = stored["step"].to(device=p.device)
+            stored["step"] = _counter_on(stored["step"], p.device, stored["step"].dtype)
         optimizer.state[p] = stored
+
+
+def _counter_on(counter: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A step counter on ``device`` (where fused and capturable optimizers keep it). From
+    the CPU it is a fill kernel with the counter's value (read without a host sync), not a
+    copy: a blocking copy to a GPU waits for the queued work, once per parameter."""
+    if counter.device.type == "cpu" and device.type != "cpu":
+        return torch.full((), float(counter), dtype=dtype, device=device)
+    return counter.to(device=device, dtype=dtype)
