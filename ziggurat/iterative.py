@@ -467,10 +467,10 @@ class IterativeProblem(Problem):
         try:
             with fixed_randomness(params):
                 for _ in range(method.samples):
-                    # (drawn on the CPU: the same numbers on every device; a copy that does
-                    # not wait for the queued work)
+                    # (drawn on the CPU: the same numbers on every device; to a GPU, a copy
+                    # that does not wait for the queued work)
                     eps = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(
-                        t.device, non_blocking=True) for t in lam]
+                        t.device, non_blocking=t.device.type == "cuda") for t in lam]
                     values = []
                     for sign in (1.0, -1.0):
                         with torch.no_grad():
@@ -481,7 +481,7 @@ class IterativeProblem(Problem):
                         values.append(linalg.dot(v, [p.detach() for p in params]))
                     scale = (values[0] - values[1]) / (2.0 * method.sigma * method.samples)
                     for acc, e in zip(estimate, eps):
-                        acc.add_(e * scale.to(e.dtype))
+                        acc.add_(e * scale.to(e.device, e.dtype))
         finally:
             with torch.no_grad():
                 for t, s in zip(lam, saved_lam):

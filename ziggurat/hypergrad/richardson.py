@@ -44,7 +44,7 @@ def step_size(
         if start is None or any(a.shape != p.shape for a, p in zip(start, params)):
             generator = torch.Generator().manual_seed(0)
             start = [torch.randn(p.shape, dtype=p.dtype, generator=generator).to(
-                p.device, non_blocking=True) for p in params]  # (no wait for queued work)
+                p.device, non_blocking=p.device.type == "cuda") for p in params]
         estimate, vector = linalg.power_iteration(curvature.hvp, start, power_iterations)
         # kept as tensors: a factored iterate would hold this call's activations, and the
         # state is checkpointed (weights_only)
