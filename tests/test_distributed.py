@@ -19,14 +19,24 @@ from typing import Any
 
 import pytest
 import torch
-from programs.data_parallel import HVPS, METHODS, STEPS, SYSTEMS, B, build, build3, data
+from programs.data_parallel import (
+    FACTORED,
+    HVPS,
+    METHODS,
+    STEPS,
+    SYSTEMS,
+    B,
+    build,
+    build3,
+    data,
+)
 
 import ziggurat as zg
 from ziggurat.data import BatchStream
 
 PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
-SCENARIOS = [*(f"equal-{m}" for m in METHODS), "zero-darts", "zero-sama", "chain3", "systems",
-             "stop", "ckpt", "fsdp"]
+SCENARIOS = [*(f"equal-{m}" for m in METHODS), *(f"factored-{m}" for m in FACTORED), "gather",
+             "zero-darts", "zero-sama", "chain3", "systems", "stop", "ckpt", "fsdp"]
 
 
 def _free_port() -> int:
@@ -124,6 +134,41 @@ def test_all_reduce_calls_per_meta_step(
     _, found = runs
     for result in found[f"equal-{method}"]:
         assert result["all_reduce"] == 3 * STEPS + HVPS[method]
+
+
+@pytest.mark.parametrize("method", list(FACTORED))
+def test_factored_vectors_two_ranks_equal_one_rank(
+    runs: tuple[Path, dict[str, list[Any]]], method: str
+) -> None:
+    """v of the 64 × 64 layer as factors gathered from both ranks (the 5 × 64 layer's
+    factors stop paying with both ranks' rows: formed and all-reduced dense): the run
+    equals one process with the global batch (which keeps the same layer's factors), with
+    one gather of row counts and one of factors per meta-step, and no more all-reduces."""
+    _, found = runs
+    rank0, rank1 = found[f"factored-{method}"]
+    reference = build(method, strategy="none", batch=2 * B, replicas=1, rank=0, factored=True)
+    start = {k: v.clone() for k, v in _params(reference).items()}
+    reference.run()
+    assert _relerr(rank0["params"], _params(reference)) <= 1e-9
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in start)
+    assert _relerr(start, _params(reference)) > 1e-2
+    for result in (rank0, rank1):
+        assert result["all_gather"] == 2 * STEPS
+        assert result["all_reduce"] == 3 * STEPS
+
+
+def test_rows_gathered_and_factors_made_global(runs: tuple[Path, dict[str, list[Any]]]) -> None:
+    """``all_gather_rows`` with row counts that differ by rank (and two dtypes), and
+    ``global_factors``: an entry factored on both ranks stays factored with both ranks'
+    rows, one factored on rank 0 only is formed dense on both, one with a rest keeps its
+    factors and averages the rest; densified, the result is the mean of the local entries."""
+    _, found = runs
+    for res in found["gather"]:
+        assert res["rows_error"] == 0.0
+        assert res["shapes"] == [(3, 3), (5, 2)]
+        assert res["kinds"] == ["LinearFactors", "Tensor", "LinearFactors", "Tensor"]
+        assert res["ranks"] == [2 + 3, 2 + 2]
+        assert res["error"] <= 1e-13
 
 
 def test_unroll_roll_back_and_accumulation_two_ranks_equal_one_rank(

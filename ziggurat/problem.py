@@ -21,7 +21,7 @@ from .config import Config
 from .data import BatchStream, to_device
 from .errors import ConfigError, HypergradientError, ZigguratError
 from .hypergrad import Darts, HypergradMethod, InnerObjective, linalg
-from .hypergrad.factored import LinearCapture, factored_entry
+from .hypergrad.factored import LinearCapture, factored_entry, global_factors
 from .registry import Family, Method
 from .snapshot import Snapshot
 from .systems import DynamicLossScaler, autocast_for, clip_by_total_norm, full_precision
@@ -106,6 +106,7 @@ class Problem:
         self._prepares = False
         self._plain_loss = False
         self._lean = False
+        self._captured = False  # the last step captured linear layers' factors of v
         self._direct = False
         self._planned_config: Config | None = None
         #: set by a data-parallel Engine (EngineConfig.strategy): averages over the ranks
@@ -579,7 +580,10 @@ class Problem:
         comm = self.comm
         assert comm is not None
         if vectors:
-            comm.start_mean([t for vec in vectors.values() for t in vec])
+            lists = list(vectors.values())
+            # (linear layers' factors, when captured, are gathered rather than all-reduced)
+            comm.start_mean(global_factors(comm, lists) if self._captured
+                            else [t for vec in lists for t in vec])
             hyper = self._hypergradient(vectors, params)
             comm.wait()
             torch._foreach_add_(own, hyper)
@@ -673,6 +677,7 @@ class Problem:
         """``_accumulated_gradients`` for one micro-batch and no loss scaling (the common
         case): the same arithmetic, without the lists and the averaging of one value."""
         capture = self._linear_capture(params)
+        self._captured = capture is not None  # (the same on every rank: see _global_gradients)
         with capture or nullcontext():
             if self._plain_loss:
                 loss = self._loss_of(self.training_step(batch), record=True)
@@ -685,7 +690,7 @@ class Problem:
         """A capture of the linear layers of every read problem whose method takes v in
         factors (``HypergradMethod.accepts_factors``: Darts, SAMA with SGD, forward mode), or
         None. One process, fp32 only; weights this problem also trains are left alone."""
-        if not self._reads or self.comm is not None or self.config.precision != "fp32":
+        if not self._reads or self.config.precision != "fp32":
             return None
         own = {id(p) for p in params}
         weights: dict[Hashable, Tensor] = {}
@@ -914,9 +919,9 @@ class ImplicitProblem(Problem):
 
     def accepts_factored_vectors(self, upper: Problem) -> bool:
         """Whether this problem's method takes v with ``LinearFactors`` for ``upper`` now
-        (after a first step, one process, no fp16 loss scaling)."""
+        (after a first step, no fp16 loss scaling)."""
         method = self.method
-        return (self.count > 0 and self.comm is None and self._scaler is None
+        return (self.count > 0 and self._scaler is None
                 and isinstance(method, HypergradMethod)
                 and method.accepts_factors(self.objective(upper)))
 

@@ -10,6 +10,11 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
 * ``equal-<method>``: 20 meta-steps with per-rank batch B (strategy "ddp"), counting the
   ``torch.distributed.all_reduce`` calls (a counting wrapper around the real function).
 * ``zero-<method>``: the same with strategy "zero", with checkpoints every 10 iterations.
+* ``factored-<method>``: as ``equal-`` on a wider MLP (``WIDE``) with a method that takes
+  v's linear layers in factors (``FACTORED``), counting ``all_gather`` calls too.
+* ``gather``: ``Communicator.all_gather_rows`` with row counts that differ between ranks,
+  and ``factored.global_factors`` on entries factored on both ranks, on one rank only, and
+  with a rest: the densified result against the all-reduced mean of the local entries.
 * ``systems``: CG with unroll 2, roll-back and gradient accumulation 2 (``SYSTEMS``).
 * ``chain3``: a three-level chain (``build3``), counting all-reduces as above.
 * ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
@@ -46,6 +51,13 @@ METHODS: dict[str, Callable[[], zg.HypergradMethod]] = {
     "cg": lambda: zg.CG(iterations=3, damping=0.1),
     "fixed_point": lambda: zg.FixedPoint(iterations=3),  # step from 10 power iterations
 }
+#: methods taking v's linear layers as factors (forward mode; SAMA with Adam forms P v_W
+#: from them), run on a hidden width where the 64 × 64 layer's factors pay
+FACTORED: dict[str, Callable[[], zg.HypergradMethod]] = {
+    "darts": lambda: zg.Darts(mixed="forward"),
+    "sama": lambda: zg.SAMA(),
+}
+WIDE = 64
 SYSTEMS = {"unroll_steps": 2, "roll_back": True, "gradient_accumulation": 2}
 # Hessian-vector products in a run of STEPS meta-steps
 HVPS = {"darts": 0, "sama": 0, "neumann": 3 * 20, "cg": 3 * 20, "fixed_point": 3 * 20 + 10}
@@ -79,12 +91,17 @@ class Engine(zg.Engine):
 
 def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
           dropout: float = 0.0, inner: Mapping[str, Any] | None = None,
-          **engine: Any) -> zg.Engine:
+          factored: bool = False, **engine: Any) -> zg.Engine:
+    """The program; ``factored``: hidden width ``WIDE`` with a second hidden layer and the
+    method ``FACTORED[method]``."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Dropout(dropout),
-                              torch.nn.Linear(4, 1)).to(DTYPE)
+    width = WIDE if factored else 4
+    middle = ([torch.nn.Linear(width, width), torch.nn.Tanh()] if factored else [])
+    net = torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(),
+                              torch.nn.Dropout(dropout), *middle,
+                              torch.nn.Linear(width, 1)).to(DTYPE)
     upper = torch.nn.ParameterDict({
-        "decay": torch.nn.Parameter(torch.full((4, 5), -1.0, dtype=DTYPE)),
+        "decay": torch.nn.Parameter(torch.full((width, 5), -1.0, dtype=DTYPE)),
         "shift": torch.nn.Parameter(torch.zeros(1, dtype=DTYPE))})
     torch.manual_seed(100 + rank)  # per-rank random streams (dropout)
     train, val = loaders(batch, replicas, rank)
@@ -103,7 +120,8 @@ def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
                  else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
     lower = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
                                training_step=inner_loss,
-                               config=zg.Config(type=METHODS[method](), **(inner or {})))
+                               config=zg.Config(type=(FACTORED if factored else METHODS)[
+                                   method](), **(inner or {})))
     outer = zg.Problem("outer", upper, torch.optim.Adam(upper.parameters(), lr=0.02),
                        train_data_loader=val, training_step=outer_loss)
     settings: dict[str, Any] = {"train_iters": STEPS, "progress": "off", "summary": False,
@@ -292,19 +310,73 @@ def fsdp_facts(rank: int, world: int) -> dict[str, Any]:
 def run_counting_all_reduces(engine: Any) -> int:
     """Run the engine with a counting wrapper around the real ``dist.all_reduce``; the
     number of calls it made."""
-    calls = [0]
-    real = dist.all_reduce
+    return run_counting(engine, "all_reduce")["all_reduce"]
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return real(*args, **kwargs)
 
-    dist.all_reduce = counting  # type: ignore[assignment]
+def run_counting(engine: Any, *collectives: str) -> dict[str, int]:
+    """Run the engine with counting wrappers around the real ``dist.<collective>`` of each
+    of ``collectives``; the number of calls each got."""
+    calls = dict.fromkeys(collectives, 0)
+    real = {name: getattr(dist, name) for name in collectives}
+
+    def counting(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in collectives:
+        setattr(dist, name, counting(name))
     try:
         engine.run()
     finally:
-        dist.all_reduce = real
-    return calls[0]
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    return calls
+
+
+def gather_checks(rank: int, world: int) -> dict[str, Any]:
+    """``all_gather_rows`` and ``global_factors`` on hand-made entries (see the module
+    docstring): what each returned, and its error against the expected values."""
+    from ziggurat.hypergrad.factored import LinearFactors, densify, global_factors
+
+    comm = zg.distributed.init_distributed("ddp") if not dist.is_initialized() else None
+    if comm is None:
+        from ziggurat.systems.distributed import Communicator
+        comm = Communicator(rank, world, torch.device("cpu"), "gloo", "ddp")
+    # rows: rank r has r + 1 rows of a float64 tensor, 3 − r rows of a float32 one
+    a = torch.full((rank + 1, 3), float(rank), dtype=DTYPE)
+    b = torch.full((3 - rank, 2), 10.0 + rank, dtype=torch.float32)
+    rows = comm.gather_ints([a.shape[0], b.shape[0]])
+    got_a, got_b = comm.all_gather_rows([a, b], rows)
+    want_a = torch.cat([torch.full((r + 1, 3), float(r), dtype=DTYPE) for r in range(world)])
+    want_b = torch.cat([torch.full((3 - r, 2), 10.0 + r) for r in range(world)])
+    g = torch.Generator().manual_seed(10 + rank)
+
+    def factors(n: int, rest: bool) -> LinearFactors:
+        return LinearFactors(torch.randn(n, 40, generator=g, dtype=DTYPE),
+                             torch.randn(n, 30, generator=g, dtype=DTYPE),
+                             torch.randn(30, 40, generator=g, dtype=DTYPE) if rest else None,
+                             torch.Size((30, 40)))
+
+    vector: list[Any] = [
+        factors(rank + 2, rest=False),                      # factored on both ranks
+        factors(3, rest=False) if rank == 0 else torch.randn(30, 40, generator=g,
+                                                             dtype=DTYPE),  # on one rank
+        factors(2, rest=True),                              # factored, with a rest
+        torch.randn(7, generator=g, dtype=DTYPE),           # dense everywhere
+    ]
+    local = [t.clone() for t in densify(vector)]
+    comm.mean_(local)  # the reference: the mean of the local entries
+    dense = global_factors(comm, [vector])
+    kinds = [type(t).__name__ for t in vector]
+    comm.mean_(dense)
+    error = max(float((x - y).norm() / y.norm()) for x, y in zip(densify(vector), local))
+    return {"rows_error": max(float((got_a - want_a).abs().max()),
+                              float((got_b - want_b).abs().max())),
+            "shapes": [tuple(got_a.shape), tuple(got_b.shape)], "kinds": kinds,
+            "ranks": [t.rank for t in vector if isinstance(t, LinearFactors)],
+            "error": error}
 
 
 def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
@@ -318,6 +390,14 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
                        replicas=world, rank=rank, **ckpt)
         calls = run_counting_all_reduces(engine)
         return {**result(engine), "all_reduce": calls}
+    if kind == "factored":
+        engine = build(method, strategy="ddp", batch=B, replicas=world, rank=rank,
+                       factored=True)
+        counted = run_counting(engine, "all_reduce", "all_gather")
+        return {**result(engine), "all_reduce": counted["all_reduce"],
+                "all_gather": counted["all_gather"]}
+    if kind == "gather":
+        return gather_checks(rank, world)
     if kind == "chain3":
         engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank)
         calls = run_counting_all_reduces(engine)

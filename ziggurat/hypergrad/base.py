@@ -466,7 +466,7 @@ class HypergradMethod(Method, ABC):
         problem then never forms them; see ``factored``): when a call on ``objective`` uses
         v only through D_θ L_in[c·v] (a uniform scale and forward mode), or when its
         Hessian-vector products are factored (``_factored_products``)."""
-        if not factored.ENABLED or objective.reduce is not None:
+        if not factored.ENABLED:
             return False
         mode = self._mode(objective)
         scale = self.uniform_scale(objective)

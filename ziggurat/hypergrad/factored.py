@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -214,6 +214,61 @@ class LinearCapture(TorchFunctionMode):
         return {key: (xs[0] if len(xs) == 1 else torch.cat(xs),
                       ds[0] if len(ds) == 1 else torch.cat(ds))
                 for key, (xs, ds) in parts.items()}
+
+
+class RowGatherer(Protocol):
+    """The collectives ``global_factors`` needs (``zg.distributed.Communicator``)."""
+
+    world_size: int
+
+    def gather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's ``values``, in rank order."""
+        ...
+
+    def all_gather_rows(self, tensors: Sequence[Tensor], rows: Sequence[Sequence[int]]
+                        ) -> list[Tensor]:
+        """Each tensor's rows over the ranks, concatenated in rank order."""
+        ...
+
+
+def global_factors(comm: RowGatherer, vectors: Sequence[list[Any]]) -> list[Tensor]:
+    """Turn each rank's local vectors (lists of tensors and ``LinearFactors``) into the
+    global mean over the ranks, in place in the lists, except for the dense tensors
+    returned: the caller all-reduces those to their mean, which completes it.
+
+    mean_r(Δ_rᵀ X_r + R_r) = (Δ_1; …; Δ_R)ᵀ (X_1; …; X_R) / R + mean_r R_r, so a factored
+    entry's factors are all-gathered (n_r (in + out) numbers per rank instead of in · out),
+    Δ scaled by 1/R, and its rest R joins the dense mean. An entry stays factored only when
+    it is factored on every rank and worth factoring with all the ranks' rows; otherwise
+    each rank forms its local entry, averaged dense. Two collectives: the row counts, and
+    the factors (none when nothing stays factored); every rank must call it."""
+    entries = [(vec, i) for vec in vectors for i in range(len(vec))]
+    table = comm.gather_ints([vec[i].rank if isinstance(vec[i], LinearFactors) else -1
+                              for vec, i in entries])
+    kept: list[int] = []
+    dense: list[Tensor] = []
+    for e, (vec, i) in enumerate(entries):
+        entry = vec[i]
+        counts = [row[e] for row in table]
+        if min(counts) >= 0 and worth_factoring(sum(counts), entry.shape):
+            kept.append(e)
+            if entry.rest is not None:
+                dense.append(entry.rest)
+            continue
+        if isinstance(entry, LinearFactors):
+            vec[i] = entry.dense()
+        dense.append(vec[i])
+    if kept:
+        local = [f for e in kept for f in (entries[e][0][entries[e][1]].inputs,
+                                           entries[e][0][entries[e][1]].grads)]
+        rows = [[row[e] for e in kept for _ in range(2)] for row in table]
+        gathered = comm.all_gather_rows(local, rows)
+        for k, e in enumerate(kept):
+            vec, i = entries[e]
+            entry = vec[i]
+            grads = gathered[2 * k + 1].div_(comm.world_size)
+            vec[i] = LinearFactors(gathered[2 * k], grads, entry.rest, entry.shape)
+    return dense
 
 
 def factored_entry(rest: Tensor | None, weight: Tensor,

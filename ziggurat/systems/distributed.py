@@ -274,6 +274,41 @@ class Communicator:
         """Replace ``tensors`` by their sum over the ranks, in place (one all-reduce)."""
         Pending(tensors, 1.0, self._buffers).wait()
 
+    def gather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same length on every rank), in rank order: one
+        all-gather of a small integer tensor (and one host read of it)."""
+        local = torch.tensor(list(values), dtype=torch.int64).to(self.device)
+        out = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(out, local)
+        return torch.stack(out).tolist()
+
+    def all_gather_rows(self, tensors: Sequence[Tensor], rows: Sequence[Sequence[int]]
+                        ) -> list[Tensor]:
+        """For each 2-D tensor of ``tensors``, the concatenation over the ranks (in rank
+        order) of every rank's tensor at that position, whose row counts may differ:
+        ``rows[r][i]`` is rank r's row count of ``tensors[i]`` (``gather_ints``). One
+        all-gather of a flat buffer per dtype and device, each tensor padded to its
+        largest row count there (the padding is dropped again)."""
+        pieces: list[list[Tensor]] = [[] for _ in tensors]
+        for indices in _groups(tensors).values():
+            widest = {i: max(r[i] for r in rows) for i in indices}
+            padded = []
+            for i in indices:
+                t = tensors[i]
+                pad = widest[i] - t.shape[0]
+                padded.append(t if pad == 0 else torch.cat([t, t.new_zeros(pad, t.shape[1])]))
+            flat = _flatten(padded)
+            parts = [torch.empty_like(flat) for _ in range(self.world_size)]
+            dist.all_gather(parts, flat)
+            for rank, part in enumerate(parts):
+                offset = 0
+                for i in indices:
+                    width = tensors[i].shape[1]
+                    block = part[offset:offset + widest[i] * width].view(widest[i], width)
+                    offset += widest[i] * width
+                    pieces[i].append(block[:rows[rank][i]])
+        return [torch.cat(p) for p in pieces]
+
     # ------------------------------------------------------------------ objects
     def broadcast_tensors_(self, tensors: Sequence[Tensor], src: int = 0) -> None:
         """Overwrite ``tensors`` on every rank with rank ``src``'s values (one broadcast per
