@@ -638,6 +638,7 @@ class Problem:
         each micro-batch differentiated separately (unscaled if fp16 loss scaling is on)."""
         if self._scaler is None and len(batches) == 1:
             return self._single_batch_gradients(batches[0], params)
+        self._captured = False  # (dense vectors: no capture on this path)
         scale = 1.0 if self._scaler is None else self._scaler.scale
         weight = scale / len(batches)
         own: list[Tensor] = []
