@@ -36,6 +36,7 @@ from ziggurat.data import BatchStream
 
 PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
 SCENARIOS = [*(f"equal-{m}" for m in METHODS), *(f"factored-{m}" for m in FACTORED), "gather",
+             "zero1-sgd", "zero1-adam",
              "zero-darts", "zero-sama", "chain3", "systems", "stop", "ckpt", "fsdp"]
 
 
@@ -161,14 +162,33 @@ def test_rows_gathered_and_factors_made_global(runs: tuple[Path, dict[str, list[
     """``all_gather_rows`` with row counts that differ by rank (and two dtypes), and
     ``global_factors``: an entry factored on both ranks stays factored with both ranks'
     rows, one factored on rank 0 only is formed dense on both, one with a rest keeps its
-    factors and averages the rest; densified, the result is the mean of the local entries."""
+    factors and averages the rest, one with a rest on rank 0 only is formed dense on both;
+    densified, the result is the mean of the local entries."""
     _, found = runs
     for res in found["gather"]:
         assert res["rows_error"] == 0.0
         assert res["shapes"] == [(3, 3), (5, 2)]
-        assert res["kinds"] == ["LinearFactors", "Tensor", "LinearFactors", "Tensor"]
+        assert res["kinds"] == ["LinearFactors", "Tensor", "LinearFactors", "Tensor", "Tensor"]
         assert res["ranks"] == [2 + 3, 2 + 2]
         assert res["error"] <= 1e-13
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_zero_with_an_empty_optimizer_shard_equals_one_rank(
+    runs: tuple[Path, dict[str, list[Any]]], optimizer: str
+) -> None:
+    """SAMA under ZeRO when one rank holds no parameter's optimizer state (its record is
+    empty): every rank still takes the same path (no collective mismatch), and the run
+    equals one process with the global batch."""
+    _, found = runs
+    rank0, rank1 = found[f"zero1-{optimizer}"]
+    reference = build("sama", strategy="none", batch=2 * B, replicas=1, rank=0, single=True,
+                      optimizer=optimizer)
+    start = {k: v.clone() for k, v in _params(reference).items()}
+    reference.run()
+    assert _relerr(rank0["params"], _params(reference)) <= 1e-9
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in start)
+    assert _relerr(start, _params(reference)) > 1e-2
 
 
 def test_unroll_roll_back_and_accumulation_two_ranks_equal_one_rank(

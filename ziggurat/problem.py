@@ -690,8 +690,12 @@ class Problem:
     def _linear_capture(self, params: list[Tensor]) -> LinearCapture | None:
         """A capture of the linear layers of every read problem whose method takes v in
         factors (``HypergradMethod.accepts_factors``: Darts, SAMA with SGD, forward mode), or
-        None. One process, fp32 only; weights this problem also trains are left alone."""
-        if not self._reads or self.config.precision != "fp32":
+        None. fp32 only; weights this problem also trains are left alone. Under data
+        parallelism the decision must be the same on every rank (``_global_gradients``
+        gathers the factors): not under ZeRO, where a method's records (SAMA's) hold only
+        the rank's shard of the parameters."""
+        if not self._reads or self.config.precision != "fp32" or (
+                self.comm is not None and self.comm.shards_optimizer_state):
             return None
         own = {id(p) for p in params}
         weights: dict[Hashable, Tensor] = {}

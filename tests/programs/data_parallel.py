@@ -15,6 +15,8 @@ parameters and what it measured to ``OUT_DIR/<scenario>-rank<r>.pt``:
 * ``gather``: ``Communicator.all_gather_rows`` with row counts that differ between ranks,
   and ``factored.global_factors`` on entries factored on both ranks, on one rank only, and
   with a rest: the densified result against the all-reduced mean of the local entries.
+* ``zero1-<sgd|adam>``: SAMA under ZeRO on a lower model of one weight tensor, so that one
+  rank's optimizer shard (and SAMA's record there) is empty.
 * ``systems``: CG with unroll 2, roll-back and gradient accumulation 2 (``SYSTEMS``).
 * ``chain3``: a three-level chain (``build3``), counting all-reduces as above.
 * ``stop``: rank-dependent validation metrics (rank 0's worsens, rank 1's improves), early
@@ -91,15 +93,19 @@ class Engine(zg.Engine):
 
 def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
           dropout: float = 0.0, inner: Mapping[str, Any] | None = None,
-          factored: bool = False, **engine: Any) -> zg.Engine:
+          factored: bool = False, single: bool = False, optimizer: str | None = None,
+          **engine: Any) -> zg.Engine:
     """The program; ``factored``: hidden width ``WIDE`` with a second hidden layer and the
-    method ``FACTORED[method]``."""
+    method ``FACTORED[method]``; ``single``: the lower model one weight tensor (5 → 1, no
+    bias: under ZeRO with 2 ranks one rank's optimizer shard is empty); ``optimizer``
+    ("sgd" or "adam") overrides the lower optimizer (Adam for sama, else SGD)."""
     torch.manual_seed(0)
-    width = WIDE if factored else 4
+    width = WIDE if factored else 1 if single else 4
     middle = ([torch.nn.Linear(width, width), torch.nn.Tanh()] if factored else [])
-    net = torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(),
-                              torch.nn.Dropout(dropout), *middle,
-                              torch.nn.Linear(width, 1)).to(DTYPE)
+    net = (torch.nn.Sequential(torch.nn.Linear(5, 1, bias=False)).to(DTYPE) if single else
+           torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(),
+                               torch.nn.Dropout(dropout), *middle,
+                               torch.nn.Linear(width, 1)).to(DTYPE))
     upper = torch.nn.ParameterDict({
         "decay": torch.nn.Parameter(torch.full((width, 5), -1.0, dtype=DTYPE)),
         "shift": torch.nn.Parameter(torch.zeros(1, dtype=DTYPE))})
@@ -116,7 +122,8 @@ def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
         x, y = b
         return ((p.inner(x) - y) ** 2).mean()
 
-    lower_opt = (torch.optim.Adam(net.parameters(), lr=0.05) if method == "sama"
+    adam = optimizer == "adam" if optimizer is not None else method == "sama"
+    lower_opt = (torch.optim.Adam(net.parameters(), lr=0.05) if adam
                  else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
     lower = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
                                training_step=inner_loss,
@@ -365,6 +372,7 @@ def gather_checks(rank: int, world: int) -> dict[str, Any]:
                                                              dtype=DTYPE),  # on one rank
         factors(2, rest=True),                              # factored, with a rest
         torch.randn(7, generator=g, dtype=DTYPE),           # dense everywhere
+        factors(2, rest=rank == 0),                         # a rest on one rank only
     ]
     local = [t.clone() for t in densify(vector)]
     comm.mean_(local)  # the reference: the mean of the local entries
@@ -398,6 +406,11 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
                 "all_gather": counted["all_gather"]}
     if kind == "gather":
         return gather_checks(rank, world)
+    if kind == "zero1":  # zero1-<optimizer>: SAMA, ZeRO, one weight tensor (a shard empty)
+        engine = build("sama", strategy="zero", batch=B, replicas=world, rank=rank,
+                       single=True, optimizer=method)
+        engine.run()
+        return result(engine)
     if kind == "chain3":
         engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank)
         calls = run_counting_all_reduces(engine)

@@ -239,18 +239,23 @@ def global_factors(comm: RowGatherer, vectors: Sequence[list[Any]]) -> list[Tens
     mean_r(Δ_rᵀ X_r + R_r) = (Δ_1; …; Δ_R)ᵀ (X_1; …; X_R) / R + mean_r R_r, so a factored
     entry's factors are all-gathered (n_r (in + out) numbers per rank instead of in · out),
     Δ scaled by 1/R, and its rest R joins the dense mean. An entry stays factored only when
-    it is factored on every rank and worth factoring with all the ranks' rows; otherwise
-    each rank forms its local entry, averaged dense. Two collectives: the row counts, and
-    the factors (none when nothing stays factored); every rank must call it."""
+    it is factored on every rank, with a rest on all of them or on none, and worth
+    factoring with all the ranks' rows; otherwise each rank forms its local entry, averaged
+    dense. Collectives: one for the row counts, one per dtype for the factors (none when
+    nothing stays factored); every rank must call it."""
     entries = [(vec, i) for vec in vectors for i in range(len(vec))]
-    table = comm.gather_ints([vec[i].rank if isinstance(vec[i], LinearFactors) else -1
+    # per entry: 2 n + (1 if it has a rest), or −1 for a dense entry
+    table = comm.gather_ints([2 * vec[i].rank + (vec[i].rest is not None)
+                              if isinstance(vec[i], LinearFactors) else -1
                               for vec, i in entries])
     kept: list[int] = []
     dense: list[Tensor] = []
     for e, (vec, i) in enumerate(entries):
         entry = vec[i]
-        counts = [row[e] for row in table]
-        if min(counts) >= 0 and worth_factoring(sum(counts), entry.shape):
+        codes = [row[e] for row in table]
+        counts = [c // 2 for c in codes]
+        if (min(codes) >= 0 and len({c % 2 for c in codes}) == 1
+                and worth_factoring(sum(counts), entry.shape)):
             kept.append(e)
             if entry.rest is not None:
                 dense.append(entry.rest)
@@ -261,7 +266,7 @@ def global_factors(comm: RowGatherer, vectors: Sequence[list[Any]]) -> list[Tens
     if kept:
         local = [f for e in kept for f in (entries[e][0][entries[e][1]].inputs,
                                            entries[e][0][entries[e][1]].grads)]
-        rows = [[row[e] for e in kept for _ in range(2)] for row in table]
+        rows = [[row[e] // 2 for e in kept for _ in range(2)] for row in table]
         gathered = comm.all_gather_rows(local, rows)
         for k, e in enumerate(kept):
             vec, i = entries[e]

@@ -404,9 +404,12 @@ class SAMA(HypergradMethod):
 
     def uniform_scale(self, objective: InnerObjective) -> float | None:
         """SGD with one coefficient for every parameter (one param group, the usual case):
-        P = c·I."""
+        P = c·I. Not under ZeRO: a rank's record holds only its shard of the parameters
+        (every rank must take the same path, ``solve`` and its ``sum_``)."""
         record = objective.state.get("sama")
         if objective.optimizer is None or not isinstance(record, dict):
+            return None
+        if objective.reduce is not None and objective.reduce.shards_optimizer_state:
             return None
         values = [record.get(i) for i in range(len(objective.params))]
         first = values[0] if values else None
