@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch.utils.data
 
 from .errors import ConfigError
+
+
+def scalars_to_cpu(values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """0-dim tensors (step counters, say) on the CPU, in order: those on another device with
+    one transfer per device (stacked; float64 where their dtypes differ), not one host sync
+    each; those on the CPU as they are. A moved one is a view of its device's transfer."""
+    out = list(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(values):
+        if t.device.type != "cpu":
+            by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        group = [values[i].reshape(()) for i in indices]
+        if any(t.dtype != group[0].dtype for t in group):
+            group = [t.double() for t in group]
+        for i, t in zip(indices, torch.stack(group).cpu().unbind()):
+            out[i] = t
+    return out
 
 
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:

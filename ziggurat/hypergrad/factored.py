@@ -264,13 +264,12 @@ def global_factors(comm: RowGatherer, vectors: Sequence[list[Any]]) -> list[Tens
             vec[i] = entry.dense()
         dense.append(vec[i])
     if kept:
-        local = [f for e in kept for f in (entries[e][0][entries[e][1]].inputs,
-                                           entries[e][0][entries[e][1]].grads)]
+        factored = [entries[e][0][entries[e][1]] for e in kept]
         rows = [[row[e] // 2 for e in kept for _ in range(2)] for row in table]
-        gathered = comm.all_gather_rows(local, rows)
-        for k, e in enumerate(kept):
+        gathered = comm.all_gather_rows(
+            [f for entry in factored for f in (entry.inputs, entry.grads)], rows)
+        for k, (e, entry) in enumerate(zip(kept, factored)):
             vec, i = entries[e]
-            entry = vec[i]
             grads = gathered[2 * k + 1].div_(comm.world_size)
             vec[i] = LinearFactors(gathered[2 * k], grads, entry.rest, entry.shape)
     return dense

@@ -28,11 +28,12 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..data import scalars_to_cpu
 from ..errors import HypergradientError
 from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
 from .factored import LinearFactors
@@ -240,21 +241,8 @@ def step_counts(counters: Sequence[Tensor | float]) -> list[float]:
     """The values of Adam step counters, read with one transfer per device: torch.optim
     keeps them on the CPU (reading one is no host sync), except fused or capturable Adam,
     which keeps them on the parameters' device (one sync for all of them, not one each)."""
-    values: list[float] = [0.0] * len(counters)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, c in enumerate(counters):
-        if not isinstance(c, Tensor) or c.device.type == "cpu":
-            values[i] = float(c)
-        else:
-            by_device.setdefault(c.device, []).append(i)
-    for indices in by_device.values():
-        group = [cast(Tensor, counters[i]).reshape(()) for i in indices]
-        if any(c.dtype != group[0].dtype for c in group):  # (float64 where all are not alike)
-            group = [c.double() for c in group]
-        read = torch.stack(group).tolist()
-        for i, x in zip(indices, read):
-            values[i] = x
-    return values
+    on_cpu = iter(scalars_to_cpu([c for c in counters if isinstance(c, Tensor)]))
+    return [float(next(on_cpu)) if isinstance(c, Tensor) else float(c) for c in counters]
 
 
 def _coefficients(step: AdamStep, t: float) -> tuple[float, float, float]:

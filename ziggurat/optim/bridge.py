@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data import scalars_to_cpu
 from ..errors import ZigguratError
 from .functional import (
     FUNCTIONAL_OPTIMIZERS,
@@ -120,18 +121,9 @@ def _counters_to_cpu(states: Sequence[dict[str, Tensor]]) -> None:
     device, moved to the CPU as torch's other optimizers keep them (the functional step
     reads its counter as a number: on the CPU that is no host sync) in one transfer per
     device, not one each."""
-    by_device: dict[torch.device, list[dict[str, Tensor]]] = {}
-    for s in states:
-        by_device.setdefault(s["step"].device, []).append(s)
     dtype = zero_step().dtype
-    for group in by_device.values():
-        counters = [s["step"].reshape(()) for s in group]
-        common = counters[0].dtype
-        if any(c.dtype != common for c in counters):
-            counters = [c.double() for c in counters]
-        moved = torch.stack(counters).cpu().to(dtype)
-        for s, counter in zip(group, moved.unbind()):
-            s["step"] = counter.clone()  # (its own storage, not a view of the stack)
+    for s, counter in zip(states, scalars_to_cpu([s["step"] for s in states])):
+        s["step"] = counter.to(dtype).clone()  # (its own storage, not a view of the stack)
 
 
 def write_back(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], state: StateIn) -> None:
