@@ -346,11 +346,11 @@ def gather_checks(rank: int, world: int) -> dict[str, Any]:
     """``all_gather_rows`` and ``global_factors`` on hand-made entries (see the module
     docstring): what each returned, and its error against the expected values."""
     from ziggurat.hypergrad.factored import LinearFactors, densify, global_factors
+    from ziggurat.systems.distributed import Communicator
 
-    comm = zg.distributed.init_distributed("ddp") if not dist.is_initialized() else None
-    if comm is None:
-        from ziggurat.systems.distributed import Communicator
-        comm = Communicator(rank, world, torch.device("cpu"), "gloo", "ddp")
+    if not dist.is_initialized():
+        zg.distributed.init_distributed("ddp")
+    comm = Communicator(rank, world, torch.device("cpu"), "gloo", "ddp")
     # rows: rank r has r + 1 rows of a float64 tensor, 3 − r rows of a float32 one
     a = torch.full((rank + 1, 3), float(rank), dtype=DTYPE)
     b = torch.full((3 - rank, 2), 10.0 + rank, dtype=torch.float32)
