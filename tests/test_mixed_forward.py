@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import ziggurat as zg
-from ziggurat.hypergrad import base
+from ziggurat.hypergrad import base, factored
 
 from helpers import Vec
 from ridge import DTYPE, make_ridge, rel_err
@@ -241,3 +241,53 @@ def test_linear_layers_by_hand_equal_double_backward(monkeypatch: pytest.MonkeyP
     assert calls["by_hand"] == 5
     exact = zg.Darts(mixed="exact")(obj, v)
     assert rel_err(_flat(forward), _flat(exact)) <= 1e-12
+
+
+def _penalised(penalty: str) -> tuple[torch.nn.Module, zg.InnerObjective, list[Any]]:
+    """A two-layer lower model whose loss carries λ-weighted penalties that read the model
+    the ways users write them: over ``trainable_parameters()``-style filters, through an
+    input gradient, or through a weight gradient taken inside L_in (autograd.grad)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                              torch.nn.Linear(7, 3)).double()
+    gain = torch.tensor(0.3, dtype=DTYPE, requires_grad=True)
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))
+
+    def loss() -> torch.Tensor:
+        inputs = x.clone().requires_grad_() if penalty == "input_grad" else x
+        fit = F.cross_entropy(net(inputs), y)
+        if penalty == "filtered":
+            extra = sum((p ** 2).sum() for p in net.parameters() if p.requires_grad)
+        elif penalty == "input_grad":
+            (g,) = torch.autograd.grad(fit, inputs, create_graph=True)
+            extra = (g ** 2).sum()
+        else:
+            (g,) = torch.autograd.grad(fit, net[2].weight, create_graph=True)
+            extra = (g ** 2).sum()
+        return fit + gain.exp() * extra
+
+    params = list(net.parameters())
+    obj = zg.InnerObjective(params, [gain], loss, module=net)
+    gen = torch.Generator().manual_seed(2)
+    v: list[Any] = [torch.randn(p.shape, dtype=DTYPE, generator=gen) for p in params]
+    # the second layer's entry as factors (Δᵀ X, rank 2), as the upper backward hands it over
+    v[2] = factored.LinearFactors(torch.randn(2, 7, dtype=DTYPE, generator=gen),
+                                  torch.randn(2, 3, dtype=DTYPE, generator=gen), None, (3, 7))
+    return net, obj, v
+
+
+@pytest.mark.parametrize("penalty", ["filtered", "input_grad", "weight_grad"])
+@pytest.mark.parametrize("factors", [True, False], ids=["factored-v", "dense-v"])
+def test_forward_mode_sees_the_lower_model_as_double_backward_does(penalty: str,
+                                                                   factors: bool) -> None:
+    """Forward mode evaluates L_in with stand-ins for θ that require grad as θ does, and
+    linear layers' tangents by hand only where no derivative inside L_in goes through them:
+    a penalty filtered on ``requires_grad``, an input-gradient and a weight-gradient penalty
+    all keep their part of ∂²_{λθ}L_in · x (double backward's value, 1e-12)."""
+    _, obj, v = _penalised(penalty)
+    if not factors:
+        v = base.densify(v)
+    exact = _flat(zg.Darts(mixed="exact")(obj, base.densify(v)))
+    forward = _flat(zg.Darts(mixed="forward")(obj, v))
+    assert exact.abs().max() > 1e-4  # the penalty's term is there to be kept
+    assert rel_err(forward, exact) <= 1e-12

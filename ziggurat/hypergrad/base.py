@@ -365,24 +365,42 @@ def mixed_forward(objective: InnerObjective,
             f"mixed='forward' needs the module of problem '{objective.name}' (the "
             f"InnerObjective has module=None); pass module=... or use mixed='exact'."
         )
-    params = list(objective.params)
+    tangent = _loss_tangent(objective, x, hand_linear=True)
+    if tangent is False:  # a derivative inside L_in went through a hand-made linear layer
+        tangent = _loss_tangent(objective, x, hand_linear=False)
+    assert tangent is not False
     upper = list(objective.upper_params)
-    with torch.autograd.forward_ad.dual_level():
-        values: list[Tensor] = []
-        stand_ins: dict[int, tuple[Tensor, Tensor, LinearFactors]] = {}
-        for p, xi in zip(params, x):
-            if isinstance(xi, LinearFactors):
-                stand_in = p.detach()  # a tensor of its own, recognised by identity
-                stand_ins[id(stand_in)] = (stand_in, p.detach(), xi)
-                values.append(stand_in)
-            else:
-                values.append(torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype)))
-        with use_parameters(objective.module, params, values), FactoredTangents(stand_ins):
-            loss = objective.loss()
-        tangent = torch.autograd.forward_ad.unpack_dual(loss).tangent
     out = (autograd_grad(tangent, upper, allow_unused=True)
            if tangent is not None and tangent.requires_grad else [None] * len(upper))
     return _upper_part(objective, out)  # as in exact mode: never a silent zero hypergradient
+
+
+def _loss_tangent(objective: InnerObjective, x: Sequence[Tensor | LinearFactors],
+                  hand_linear: bool) -> Tensor | Literal[False] | None:
+    """The tangent of L_in at θ in direction x (None: none reached the loss); False when
+    ``hand_linear`` layers were differentiated inside L_in (``FactoredTangents``)."""
+    params = list(objective.params)
+    assert objective.module is not None
+    with torch.autograd.forward_ad.dual_level():
+        values: list[Tensor] = []
+        stand_ins: dict[int, tuple[Tensor, LinearFactors]] = {}
+        # stand-ins require grad as the parameters do, so that L_in sees them as it sees
+        # the parameters (``trainable_parameters()``, a ``requires_grad`` filter, a
+        # derivative taken inside it); the backward from the tangent reaches λ only
+        for p, xi in zip(params, x):
+            if isinstance(xi, LinearFactors):
+                stand_in = p.detach().requires_grad_(p.requires_grad)  # known by identity
+                stand_ins[id(stand_in)] = (stand_in, xi)
+                values.append(stand_in)
+            else:
+                dual = torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype))
+                values.append(dual.requires_grad_(p.requires_grad))
+        tangents = FactoredTangents(stand_ins, hand_linear)
+        with use_parameters(objective.module, params, values), tangents:
+            loss = objective.loss()
+        if tangents.differentiated_inside:
+            return False
+        return torch.autograd.forward_ad.unpack_dual(loss).tangent
 
 
 #: (``solve``, ``solve_mixed``) pairs that do all vector arithmetic through ``linalg`` (so

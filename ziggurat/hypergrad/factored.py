@@ -46,11 +46,14 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 ENABLED = True
 
 #: Operations that only read a tensor's metadata: a stand-in answers them as W would.
-_METADATA: frozenset[Any] = frozenset({
+#: calls that ``FactoredTangents`` passes the stand-ins to as they are: reads of metadata,
+#: and differentiation (``autograd.grad`` inside L_in differentiates the stand-in itself)
+_AS_IS: frozenset[Any] = frozenset({
     Tensor.dim, Tensor.size, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
     Tensor.is_floating_point, Tensor.__len__, Tensor.shape.__get__,  # type: ignore[attr-defined]
     Tensor.dtype.__get__, Tensor.device.__get__,  # type: ignore[attr-defined]
     Tensor.requires_grad.__get__, Tensor.ndim.__get__,  # type: ignore[attr-defined]
+    torch.autograd.grad, torch.autograd.backward, Tensor.backward, Tensor.register_hook,
 })
 
 
@@ -291,31 +294,56 @@ def factored_entry(rest: Tensor | None, weight: Tensor,
 class FactoredTangents(TorchFunctionMode):
     """During a dual evaluation of L_in, gives each factored weight its tangent v_W.
 
-    ``stand_ins`` maps id(stand-in) to (stand-in, W's primal value, factors); the module
-    computes with the stand-in in place of W (``use_parameters``); it may be empty. Also,
+    ``stand_ins`` maps id(stand-in) to (stand-in, factors); the stand-in holds W's value,
+    and the module computes with it in place of W (``use_parameters``); it may be empty. Also,
     under ``torch.no_grad`` an operation runs on the primal values and returns no tangent:
     double backward treats such a block as a constant, and forward mode alone would not
     (forward-mode AD ignores grad mode).
+
+    ``F.linear`` is computed with primal and tangent by hand (``_linear``) unless
+    ``hand_linear`` is False. Its primal output then carries no tangent in its backward
+    graph: a derivative taken *inside* L_in through such a layer (``autograd.grad`` in the
+    loss, an input-gradient penalty) would miss its tangent. ``differentiated_inside``
+    tells whether that happened; the caller then evaluates again with
+    ``hand_linear=False`` (forward mode's own formula, exact).
     """
 
-    def __init__(self, stand_ins: Mapping[int, tuple[Tensor, Tensor, LinearFactors]]) -> None:
+    def __init__(self, stand_ins: Mapping[int, tuple[Tensor, LinearFactors]],
+                 hand_linear: bool = True) -> None:
         super().__init__()
         self._entries = dict(stand_ins)
         self._dense: dict[int, Tensor] = {}
+        self._hand_linear = hand_linear
+        self._open = False
+        self.differentiated_inside = False
+
+    def __enter__(self) -> FactoredTangents:
+        self._open = True
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._open = False
+
+    def _backward_seen(self, grad: Tensor) -> None:
+        """Hook on a hand-made layer's output: a backward reached it while L_in ran."""
+        if self._open:
+            self.differentiated_inside = True
 
     def __torch_function__(self, func: Callable[..., Any], types: Iterable[type],
                            args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
                            ) -> Any:
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() and func not in _METADATA:
+        if not torch.is_grad_enabled() and func not in _AS_IS:
             args, kwargs = _replace((args, kwargs), _primal)
             return func(*args, **kwargs)
-        if func is _LINEAR and not _transformed():
+        if func is _LINEAR and self._hand_linear and not _transformed():
             x, weight, bias = _linear_arguments(args, kwargs)
             out = self._linear(func, x, weight, bias)
             if out is not None:
                 return out
-        if (self._entries and func not in _METADATA
+        if (self._entries and func not in _AS_IS
                 and _holds_stand_in((args, kwargs), self._entries)):
             args, kwargs = _replace((args, kwargs), self._dual)
         return func(*args, **kwargs)
@@ -354,23 +382,27 @@ class FactoredTangents(TorchFunctionMode):
             if x_tangent is not None:
                 parts.append(func(x_tangent, w_primal))
         if entry is not None:
-            parts.append(entry[2].right_product(x_primal).to(y.dtype))
+            parts.append(entry[1].right_product(x_primal).to(y.dtype))
         elif w_tangent is not None:
             parts.append(func(x_primal, w_tangent))
         tangent = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         if b_tangent is not None:
             tangent = tangent + b_tangent
+        if y.requires_grad:  # a backward may pass here inside L_in: see the class docstring
+            y.register_hook(self._backward_seen)
         return forward_ad.make_dual(y, tangent)
 
     def _dual(self, t: Tensor) -> Tensor:
-        """For a stand-in, W with the whole v_W as tangent (formed once), for a use other
-        than F.linear; any other tensor as it is."""
+        """For a stand-in, W with the whole v_W as tangent (formed once, a view of the
+        stand-in, so that a derivative inside L_in reaches it), for a use other than
+        F.linear; any other tensor as it is."""
         key = id(t)
         if key not in self._entries:
             return t
         if key not in self._dense:
-            _, primal, factors = self._entries[key]
-            self._dense[key] = forward_ad.make_dual(primal, factors.dense().to(primal.dtype))
+            stand_in, factors = self._entries[key]
+            self._dense[key] = forward_ad.make_dual(stand_in,
+                                                    factors.dense().to(stand_in.dtype))
         return self._dense[key]
 
 
