@@ -20,6 +20,7 @@ from ziggurat.logging import Progress
 from ziggurat.torch_compat import autocast_enabled
 
 from helpers import Quad, Vec
+from ridge import make_ridge, rel_err
 
 DTYPE = torch.float64
 
@@ -196,6 +197,71 @@ def test_a_config_replaced_after_set_up_is_followed() -> None:
     p.config = zg.Config(precision="bf16")  # after the plan was fixed at set-up
     engine.train_step()
     assert autocast_seen == [False, True]
+
+
+def test_a_replaced_method_is_followed() -> None:
+    """A lower built with the default method (Darts) and given a config with CG afterwards
+    computes with CG: on ridge at θ* (lower lr 0), dim θ CG iterations give the closed form
+    −diag(e^λ θ*) H⁻¹ v; SAMA's per-step records follow the replaced method too."""
+    r = make_ridge(10.0)
+    seen: list[torch.Tensor] = []
+
+    class Outer(zg.ImplicitProblem):
+        def training_step(self, b: Any) -> torch.Tensor:
+            return r.outer_loss(self.inner())
+
+        def grad_callback(self, grads: list[torch.Tensor]) -> None:
+            seen.append(grads[0].clone())
+
+    inner_m, outer_m = Vec(r.theta_star()), Vec(r.lam)
+    inner = zg.ImplicitProblem("inner", inner_m, torch.optim.SGD(inner_m.parameters(), lr=0.0),
+                               training_step=lambda p, b: r.inner_loss(p(), p.outer()))
+    outer = Outer("outer", outer_m, torch.optim.SGD(outer_m.parameters(), lr=0.0))
+    engine = zg.Engine([outer, inner], zg.chain(outer, inner),
+                       zg.EngineConfig(summary=False, progress="off"))
+    inner.config = zg.Config(type=zg.CG(iterations=6))
+    engine.train_step()
+    assert isinstance(inner.method, zg.CG)
+    assert rel_err(seen[0], r.implicit_hypergrad(r.theta_star())) <= 1e-9
+    assert not inner._prepares
+    inner.config = zg.Config(type="sama")
+    engine.train_step()
+    assert isinstance(inner.method, zg.SAMA) and inner._prepares
+
+
+def test_an_unrolled_problem_takes_a_replaced_method_at_its_next_unroll() -> None:
+    """Mid-unroll the graph is reverse mode's: the unroll ends with it (its hypergradient
+    equals an unreplaced run's), and forward mode starts with the next unroll."""
+    def program(replace: bool) -> tuple[list[torch.Tensor], list[str]]:
+        got: list[torch.Tensor] = []
+        lm, um = Vec([0.2, -0.4]), Vec([0.5, 0.1])
+        lower = zg.IterativeProblem("lower", lm, torch.optim.SGD(lm.parameters(), lr=0.3),
+                                    config=zg.Config(type="reverse", unroll_steps=2),
+                                    training_step=lambda p, b: ((p() - p.upper()) ** 2).sum())
+
+        class Upper(zg.ImplicitProblem):
+            def training_step(self, b: Any) -> torch.Tensor:
+                return (self.lower() ** 3).sum()
+
+            def grad_callback(self, grads: list[torch.Tensor]) -> None:
+                got.append(grads[0].clone())
+
+        upper = Upper("upper", um, torch.optim.SGD(um.parameters(), lr=0.1))
+        engine = zg.Engine([upper, lower], zg.chain(upper, lower),
+                           zg.EngineConfig(summary=False, progress="off"))
+        methods = []
+        for i in range(4):
+            if replace and i == 1:
+                lower.config = zg.Config(type="forward", unroll_steps=2)
+            engine.train_step()
+            methods.append(lower.method.name)
+        return got, methods
+
+    (plain, plain_methods), (replaced, methods) = program(False), program(True)
+    assert plain_methods == ["reverse"] * 4
+    assert methods == ["reverse", "reverse", "forward", "forward"]
+    assert len(replaced) == 2 and torch.equal(replaced[0], plain[0])
+    assert torch.allclose(replaced[1], plain[1], rtol=1e-12, atol=0)  # forward = reverse
 
 
 def test_a_replaced_unroll_setting_is_followed_by_the_schedule() -> None:

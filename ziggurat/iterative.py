@@ -109,7 +109,14 @@ class IterativeProblem(Problem):
             return self.module(*args, **kwargs)
 
     # ----------------------------------------------------------------- unroll lifecycle
+    def _refresh_method(self) -> None:
+        # an open unroll keeps the method it started with (its graph, tangents or records
+        # are that method's): a replaced config's method takes over at the next unroll
+        if self.checkpointable:
+            super()._refresh_method()
+
     def start_unroll(self) -> None:
+        self._refresh_method()
         super().start_unroll()
         if self._scaler is not None and not isinstance(self.method, (EvolutionStrategies,
                                                                       Reinforce)):

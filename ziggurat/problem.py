@@ -77,7 +77,9 @@ class Problem:
             raise ConfigError(name, "config", type(config).__name__, "a zg.Config")
         self._name = name
         self.config: Config = config if config is not None else Config()
+        #: the method of ``config`` (resolved again when ``config`` is replaced)
         self.method: Method = self._resolve_method()
+        self._method_config = self.config  # the config ``method`` was resolved from
         self.module: torch.nn.Module = module  # type: ignore[assignment]
         self.optimizer: torch.optim.Optimizer = optimizer  # type: ignore[assignment]
         self.scheduler = scheduler
@@ -357,6 +359,7 @@ class Problem:
         """The parts of the step's plan that follow from the config and the hooks (taken
         again when ``config`` is replaced by a new one)."""
         self._planned_config = self.config
+        self._refresh_method()
         self._hooks = frozenset(h for h in _STEP_HOOKS if _overrides(self, h))
         self._prepares = self._method_prepares()
         # fp32 and no view to enter: the loss is training_step's value, no context around it
@@ -370,6 +373,12 @@ class Problem:
         self._direct = (self._lean and not self._reads and not self.config.roll_back
                         and self.config.gradient_accumulation == 1
                         and not any(_overrides(self, h) for h in _DIRECT_SKIPS))
+
+    def _refresh_method(self) -> None:
+        """``method`` from the config in force, once ``config`` has been replaced."""
+        if self._method_config is not self.config:
+            self.method = self._resolve_method()
+            self._method_config = self.config
 
     def _method_prepares(self) -> bool:
         """Whether ``before_optimizer_step`` has work to do at each step (set at attach)."""
@@ -925,6 +934,7 @@ class ImplicitProblem(Problem):
     def accepts_factored_vectors(self, upper: Problem) -> bool:
         """Whether this problem's method takes v with ``LinearFactors`` for ``upper`` now
         (after a first step, no fp16 loss scaling)."""
+        self._refresh_method()
         method = self.method
         return (self.count > 0 and self._scaler is None
                 and isinstance(method, HypergradMethod)
@@ -947,6 +957,7 @@ class ImplicitProblem(Problem):
         # the method re-evaluates training_step: keep buffers (BatchNorm statistics) as they were
         buffers = list(self.module.buffers())
         saved = [b.detach().clone() for b in buffers]
+        self._refresh_method()
         method = self.method
         if not isinstance(method, HypergradMethod):  # guarded at construction
             raise ConfigError(self.name, "config.type", method, "an implicit method")
