@@ -407,10 +407,12 @@ C = 0.5  # the lower's target in the override tests: L_in = ½‖θ − C‖²
 
 def _override_program(optimizer: torch.optim.Optimizer, module: Vec, lam: Vec,
                       override: Callable[[Any], dict[str, Any]], mode: str, k: int,
-                      iters: int, warmup: int = 0
+                      iters: int, warmup: int = 0, outer_lr: float = 0.0,
+                      roll_back: bool = False
                       ) -> tuple[list[torch.Tensor], list[Any], zg.IterativeProblem]:
     """inner ½‖θ − C‖² with optimizer_hyperparameters() = override(self); outer ½‖θ_K − t‖²
-    (lr 0). Returns the upper's hypergradients and the param groups seen after each step."""
+    (SGD, ``outer_lr``). Returns the upper's hypergradients and the param groups seen after
+    each step."""
     got: list[torch.Tensor] = []
     groups: list[dict[str, Any]] = []
 
@@ -433,8 +435,9 @@ def _override_program(optimizer: torch.optim.Optimizer, module: Vec, lam: Vec,
             got.append(grads[0].clone())
 
     inner = Inner("inner", module, optimizer,
-                  config=zg.Config(type=mode, unroll_steps=k, warmup_steps=warmup))
-    outer = Outer("outer", lam, torch.optim.SGD(lam.parameters(), lr=0.0))
+                  config=zg.Config(type=mode, unroll_steps=k, warmup_steps=warmup,
+                                   roll_back=roll_back))
+    outer = Outer("outer", lam, torch.optim.SGD(lam.parameters(), lr=outer_lr))
     zg.Engine([outer, inner], zg.chain(outer, inner), _cfg(iters)).run()
     return got, groups, inner
 
@@ -524,6 +527,93 @@ def test_momentum_override_on_a_group_without_momentum(name: str) -> None:
     for key in theirs:
         assert torch.allclose(torch.as_tensor(mine[key]).double(),
                               torch.as_tensor(theirs[key]).double(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_roll_back_retakes_the_steps_with_the_updated_learned_setting(mode: str) -> None:
+    """roll_back with lr = 0.1·e^λ: after each upper step the K steps are taken again from
+    the unroll's start with the *updated* λ (on ½‖θ − C‖², θ_K = C + (1 − lr)^K (θ_s − C)),
+    so every hypergradient is the closed form at the start the re-taken steps reached:
+    dL/dλ = −K (1 − lr)^(K−1) lr (θ_s − C) · (θ_K − T)."""
+    k, outer_lr, lam = 2, 0.5, -0.2
+    mt = Vec(THETA0)
+    got, groups, _ = _override_program(
+        torch.optim.SGD(mt.parameters(), lr=0.1), mt, Vec([lam]),
+        lambda self: {"lr": 0.1 * self.outer()[0].exp()}, mode, k=k, iters=3 * k,
+        outer_lr=outer_lr, roll_back=True)
+    start = _t(THETA0)
+    assert len(got) == 3
+    for g in got:
+        lr = 0.1 * math.exp(lam)
+        theta_k = C + (1 - lr) ** k * (start - C)
+        expected = (-k * (1 - lr) ** (k - 1) * lr * (start - C) * (theta_k - T)).sum()
+        assert float(g[0]) == pytest.approx(float(expected), rel=1e-12)
+        lam -= outer_lr * float(expected)
+        start = C + (1 - 0.1 * math.exp(lam)) ** k * (start - C)  # the re-taken steps
+    assert rel_err(mt.theta.detach(), start) <= 1e-13
+    assert groups[-1]["lr"] == pytest.approx(0.1 * math.exp(lam), rel=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_learned_adagrad_initial_accumulator(mode: str) -> None:
+    """torch builds Adagrad's state (s₀ = initial_accumulator_value) in its constructor; a
+    learned s₀ = 0.5·e^λ still sets the first unroll's state: the hypergradient equals the
+    central difference of plain torch Adagrad with that s₀, and so does the trajectory."""
+    k, lam0 = 3, _t([0.2])
+    mt = Vec(THETA0)
+    got, _, _ = _override_program(
+        torch.optim.Adagrad(mt.parameters(), lr=0.1), mt, Vec(lam0),
+        lambda self: {"initial_accumulator_value": 0.5 * self.outer()[0].exp()}, mode, k=k,
+        iters=k)
+
+    def plain(lam: torch.Tensor) -> Vec:
+        init = 0.5 * float(lam[0].exp())
+        return _plain_quadratic(
+            lambda ps: torch.optim.Adagrad(ps, lr=0.1, initial_accumulator_value=init), k)[0]
+
+    def program(lam: torch.Tensor) -> float:
+        return float(0.5 * ((plain(lam).theta.detach() - T) ** 2).sum())
+
+    assert len(got) == 1 and got[0].abs().max() > 1e-3
+    assert rel_err(got[0], _central_difference(program, lam0)) <= 1e-6
+    assert rel_err(mt.theta.detach(), plain(lam0).theta.detach()) <= 1e-13
+
+
+def test_a_learned_setting_not_used_yet_gives_a_zero_hypergradient() -> None:
+    """SGD's first momentum step uses buf = g: a learned momentum has no effect on a first
+    unroll of one step, so its hypergradient is exactly 0 (reverse mode as forward mode),
+    not the "silently zero" error of an uncoupled program; the second unroll uses it."""
+    runs = {}
+    for mode in ("reverse", "forward"):
+        mt = Vec(THETA0)
+        runs[mode], _, _ = _override_program(
+            torch.optim.SGD(mt.parameters(), lr=0.1, momentum=0.9), mt, Vec([0.5]),
+            lambda self: {"momentum": torch.sigmoid(self.outer()[0])}, mode, k=1, iters=2)
+    assert float(runs["reverse"][0][0]) == 0.0
+    assert abs(float(runs["reverse"][1][0])) > 1e-3
+    for a, b in zip(runs["reverse"], runs["forward"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_learned_betas_as_one_tensor_of_two() -> None:
+    """{"betas": σ(λ)} with λ of two entries is the pair (σ(λ₀), σ(λ₁)): the same
+    hypergradient and param groups; a tensor of three is refused, naming the setting."""
+    lam0 = _t([1.0, 4.0])
+    results = []
+    for form in (lambda s: {"betas": torch.sigmoid(s.outer())},
+                 lambda s: {"betas": (torch.sigmoid(s.outer()[0]),
+                                      torch.sigmoid(s.outer()[1]))}):
+        mt = Vec(THETA0)
+        results.append(_override_program(torch.optim.Adam(mt.parameters(), lr=0.1), mt,
+                                         Vec(lam0), form, "reverse", k=3, iters=3)[:2])
+    (got, groups), (got_pair, groups_pair) = results
+    assert torch.equal(got[0], got_pair[0])
+    assert groups[-1]["betas"] == groups_pair[-1]["betas"]
+    mt = Vec(THETA0)
+    with pytest.raises(zg.ConfigError, match=r"betas.*\(3,\).*tensor of two"):
+        _override_program(torch.optim.Adam(mt.parameters(), lr=0.1), mt, Vec([1.0, 2.0, 3.0]),
+                          lambda s: {"betas": torch.sigmoid(s.outer())}, "reverse", k=2,
+                          iters=2)
 
 
 # --------------------------------------------------------------------------- c7: stride-0 grads

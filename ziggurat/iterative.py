@@ -163,8 +163,9 @@ class IterativeProblem(Problem):
                 theta = [t if t.requires_grad else t.detach().clone().requires_grad_()
                          for t in theta]
         self._fopt, self._fstate, _ = from_torch(self.optimizer, params)
-        if not any(self.optimizer.state.get(p) for p in params):
-            # never stepped: build the state from the settings in force (overrides included)
+        if self._never_stepped(params):
+            # build the state from the settings in force (overrides included: a learned
+            # Adagrad initial_accumulator_value is s₀)
             self._fstate = list(self._fopt.init_state(params, self._hyper(params)))
         self._theta = theta
         self._proxies = None
@@ -206,6 +207,34 @@ class IterativeProblem(Problem):
         self._log_probs = []
         self._unroll_open = False
         super().end_unroll()
+
+    def _settings_read(self, lam: Sequence[Tensor]) -> bool:
+        """Whether ``optimizer_hyperparameters()`` depends on ``lam``: then a zero
+        hypergradient can be exact (a setting the steps so far have not used, such as
+        SGD's momentum before its second step), not a detached coupling."""
+        values: list[Tensor] = []
+        for value in self.optimizer_hyperparameters().values():
+            for v in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(v, Tensor) and v.requires_grad:
+                    values.append(v.sum())
+        return bool(values) and any(
+            g is not None for g in autograd_grad(values, list(lam), allow_unused=True))
+
+    def _never_stepped(self, params: Sequence[Tensor]) -> bool:
+        """Whether the optimizer has taken no step for ``params``: no state, or (an optimizer
+        whose constructor builds its state) step counters of 0, read from the functional
+        state (``from_torch`` keeps its counters on the CPU: no host sync)."""
+        assert self._fopt is not None
+        if not any(self.optimizer.state.get(p) for p in params):
+            return True
+        return self._fopt.state_at_construction and all(
+            float(s["step"]) == 0.0 for s in self._fstate)
+
+    def _retake_step(self, batches: list[Any]) -> None:
+        # as an ordinary step (``step``): the settings of optimizer_hyperparameters() in
+        # force, now computed from the upper problems' updated parameters
+        self._apply_overrides()
+        super()._retake_step(batches)
 
     def _sync_module(self) -> None:
         assert self._theta is not None
@@ -258,18 +287,16 @@ class IterativeProblem(Problem):
         override = self.optimizer_hyperparameters()
         if not override:
             return
+        pair = _numbers(self.name, override["betas"]) if "betas" in override else None
         values = {k: (float(v.detach()) if isinstance(v, Tensor) else v)
-                  for k, v in override.items()}
+                  for k, v in override.items() if k != "betas"}
         for group in self.optimizer.param_groups:
-            betas = list(group.get("betas", (0.0, 0.0)))
+            betas = list(group.get("betas", (0.0, 0.0)) if pair is None else pair)
             for key, value in values.items():
                 if key == "beta1":
                     betas[0] = value
                 elif key == "beta2":
                     betas[1] = value
-                elif key == "betas" and isinstance(value, tuple | list):
-                    betas = [float(b.detach()) if isinstance(b, Tensor) else float(b)
-                             for b in value]
                 else:
                     group[key] = value
             if "betas" in group:
@@ -289,7 +316,7 @@ class IterativeProblem(Problem):
         groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
         override = dict(self.optimizer_hyperparameters())
         if "betas" in override:  # the functional optimizers take beta1 / beta2
-            beta1, beta2 = override.pop("betas")  # type: ignore[misc]
+            beta1, beta2 = _pair(self.name, override.pop("betas"))
             override.setdefault("beta1", beta1)
             override.setdefault("beta2", beta2)
         out = []
@@ -348,7 +375,7 @@ class IterativeProblem(Problem):
         if isinstance(method, Forward):
             return self._forward_vjp(v, upper)
         out = autograd_grad(self._theta, lam, v, retain_graph=True, allow_unused=True)
-        if all(o is None for o in out):
+        if all(o is None for o in out) and not self._settings_read(lam):
             raise HypergradientError(
                 f"the unrolled steps of problem '{self.name}' do not depend on the parameters "
                 f"of '{upper.name}', so its hypergradient would be silently zero. Use "
@@ -375,17 +402,25 @@ class IterativeProblem(Problem):
                     f"Forward(allow_large=True) to accept the cost",
                 )
             bases = [_basis(lam, j) for j in range(numel)]
-            if from_upper:  # θ₀ depends on the upper problem (e.g. MAML's initialisation)
-                starts = _jvps(self._theta, lam, bases)
+            keys = [[k for k in sorted(st) if torch.is_floating_point(st[k])]
+                    for st in self._fstate]
+            state = [st[k] for st, ks in zip(self._fstate, keys) for k in ks]
+            n = len(self._theta)
+            # θ₀ may depend on the upper problem (MAML's initialisation), and so may the
+            # optimizer's first state (a learned Adagrad initial_accumulator_value)
+            if from_upper or any(t.requires_grad for t in state):
+                starts = _jvps(list(self._theta) + state, lam, bases)
             else:
-                starts = [[torch.zeros_like(x) for x in self._theta] for _ in bases]
-            self._tangents[name] = [
-                ([x.detach() for x in start],
-                 [{k: torch.zeros_like(s) for k, s in st.items() if torch.is_floating_point(s)}
-                  for st in self._fstate])
-                for start in starts
-            ]
+                starts = [[torch.zeros_like(x) for x in list(self._theta) + state]
+                          for _ in bases]
+            columns = []
+            for start in starts:
+                flat = iter(x.detach() for x in start[n:])
+                columns.append(([x.detach() for x in start[:n]],
+                                [{k: next(flat) for k in ks} for ks in keys]))
+            self._tangents[name] = columns
         self._theta = [t.detach().requires_grad_() for t in self._theta]
+        self._fstate = [{k: v.detach() for k, v in st.items()} for st in self._fstate]
 
     def _forward_mode_step(self, batch: list[Any]) -> None:
         assert self._theta is not None
@@ -509,6 +544,29 @@ class IterativeProblem(Problem):
         for batches, rng in self._es_steps:
             _set_all_rng_states(rng)
             Problem._step_on(self, batches)
+
+def _pair(name: str, betas: object) -> tuple[float | Tensor, float | Tensor]:
+    """An overridden ``betas``: a pair of numbers or 0-dim tensors, or a tensor of two."""
+    if isinstance(betas, Tensor) and betas.numel() == 2:
+        first, second = betas.reshape(2).unbind()
+        return first, second
+    if isinstance(betas, tuple | list) and len(betas) == 2 and all(
+            isinstance(b, float | int) or (isinstance(b, Tensor) and b.numel() == 1)
+            for b in betas):
+        return betas[0], betas[1]
+    raise ConfigError(
+        name, "optimizer_hyperparameters()['betas']",
+        tuple(betas.shape) if isinstance(betas, Tensor) else betas,
+        "two numbers or one-element tensors (beta1, beta2), or a tensor of two; or give "
+        "'beta1' / 'beta2' on their own")
+
+
+def _numbers(name: str, betas: object) -> tuple[float, float]:
+    """``_pair`` as plain numbers (for the torch param groups)."""
+    first, second = (float(b.detach()) if isinstance(b, Tensor) else float(b)
+                     for b in _pair(name, betas))
+    return first, second
+
 
 def _all_rng_states() -> tuple[Tensor, list[Tensor]]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []

@@ -473,8 +473,12 @@ class Problem:
         for step_batches in batches:
             self.cur_batch = (step_batches[0] if len(step_batches) == 1
                               else MicroBatches(step_batches))
-            self._step_on(list(step_batches))
+            self._retake_step(list(step_batches))
         self.count = count
+
+    def _retake_step(self, batches: list[Any]) -> None:
+        """One of ``roll_back``'s steps taken again (an ordinary step on its batches)."""
+        self._step_on(batches)
 
     def step(self) -> None:
         """One step: batch(es), loss, gradient (with hypergradients), optimizer, scheduler.

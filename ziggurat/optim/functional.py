@@ -126,6 +126,9 @@ class FunctionalOptimizer(ABC):
     state_keys: ClassVar[frozenset[str]]
     real_view: ClassVar[bool] = True
     """Complex parameters are updated through ``view_as_real`` (as torch does)."""
+    state_at_construction: ClassVar[bool] = False
+    """torch.optim builds this optimizer's state in its constructor (so a state with a step
+    counter of 0 is one that has not stepped yet)."""
 
     # ---------------------------------------------------------------- public interface
 
@@ -505,6 +508,7 @@ class FunctionalAdagrad(FunctionalOptimizer):
     }
     flags = frozenset({"maximize"})
     state_keys = frozenset({"step", "sum"})
+    state_at_construction = True  # (s₀ = initial_accumulator_value, before any step)
 
     def _init(self, param: Tensor, h: dict[str, Scalar]) -> dict[str, Tensor]:
         init = h["initial_accumulator_value"]
