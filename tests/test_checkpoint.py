@@ -216,6 +216,40 @@ def test_a_samplers_own_generator_is_restored(tmp_path: Path) -> None:
     assert torch.equal(whole.theta, resumed.theta)
 
 
+def _shared_generator_program(tmp_path: Path, iters: int, resume: bool) -> tuple[Vec, Vec]:
+    """Two problems' shuffled loaders drawing from one generator (as a program seeded with
+    ``zg.seeding.seed_everything`` may give them), 3 batches a pass, checkpoints every step."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    shared = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.arange(12, dtype=torch.float64).unsqueeze(1))
+    low_m, up_m = Vec([0.0]), Vec([1.0])
+    low = zg.ImplicitProblem(
+        "low", low_m, torch.optim.SGD(low_m.parameters(), lr=0.1),
+        train_data_loader=DataLoader(data, batch_size=4, shuffle=True, generator=shared),
+        training_step=lambda p, b: ((p() - p.up() * b[0]) ** 2).mean())
+    up = zg.ImplicitProblem(
+        "up", up_m, torch.optim.SGD(up_m.parameters(), lr=0.01),
+        train_data_loader=DataLoader(data, batch_size=4, shuffle=True, generator=shared),
+        training_step=lambda p, b: ((p.low() - b[0]) ** 2).mean())
+    zg.Engine([up, low], zg.chain(up, low),
+              zg.EngineConfig(train_iters=iters, checkpoint_dir=str(tmp_path), checkpoint_step=1,
+                              resume=resume, summary=False, progress="off")).run()
+    return low_m, up_m
+
+
+@pytest.mark.parametrize("stop", [2, 4, 5])
+def test_loaders_sharing_a_generator_resume_bit_identically(tmp_path: Path, stop: int) -> None:
+    """Each loader's pass is replayed from its own starting state, which moves the shared
+    generator; it is then put where it stood at the checkpoint, so the next passes draw what
+    an uninterrupted run draws."""
+    whole = _shared_generator_program(tmp_path / "a", 9, False)
+    _shared_generator_program(tmp_path / "b", stop, False)
+    resumed = _shared_generator_program(tmp_path / "b", 9, True)
+    for a, b in zip(whole, resumed):
+        assert torch.equal(a.theta, b.theta)
+
+
 def test_resume_keeps_the_metrics_written_before_the_checkpoint(tmp_path: Path) -> None:
     import json
 

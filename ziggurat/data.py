@@ -146,10 +146,14 @@ class BatchStream:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where each loader stands: its pass's starting random state and batches drawn."""
+        """Where each loader stands: its pass's starting random state and batches drawn,
+        and its generators' states now (a generator shared with another loader has moved
+        on since this pass started)."""
         return {"epoch": self.epoch,
-                "sources": [{"start": s, "position": n, "passes": k}
-                            for s, n, k in zip(self._starts, self._positions, self._passes)]}
+                "sources": [{"start": s, "position": n, "passes": k,
+                             "generators_now": [g.get_state() for g in _generators(src)]}
+                            for s, n, k, src in zip(self._starts, self._positions,
+                                                    self._passes, self.sources)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Recreate each loader's current pass from its starting random state and skip the
@@ -177,6 +181,12 @@ class BatchStream:
                 self._iterators[i] = it
         finally:
             torch.set_rng_state(current)
+        # the replays above moved the generators; each is put where it stood when the state
+        # was saved (for one shared by several loaders, or by a loader and the program)
+        for i, entry in enumerate(state["sources"]):
+            for generator, saved in zip(_generators(self.sources[i]),
+                                        entry.get("generators_now", [])):
+                generator.set_state(saved)
 
     def next(self) -> Any:
         """The next batch (None when the problem has no data)."""
