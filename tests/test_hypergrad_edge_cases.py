@@ -220,6 +220,25 @@ def test_fixed_point_warm_start_is_kept_per_request() -> None:
     assert rel_err(second_a, cold(r.objective(theta, lam), [va])[0]) <= 1e-12
 
 
+def test_warm_starts_are_dropped_when_the_parameter_list_changes() -> None:
+    """A lower parameter frozen between calls (θ = [a, b] → [b], equal shapes): the kept
+    solution and power-iteration vector no longer fit, so the call is a cold one: equal to a
+    fresh FixedPoint on [b] (the shapes alone would not tell: compare the lists' lengths)."""
+    lam = torch.tensor([0.5, 2.0], dtype=DTYPE, requires_grad=True)
+    a, b = (torch.tensor([1.0, -1.0], dtype=DTYPE, requires_grad=True) for _ in range(2))
+
+    def loss() -> torch.Tensor:
+        return 0.5 * (lam.exp() * (a ** 2 + 2 * b ** 2)).sum()
+
+    state: dict[str, Any] = {}
+    method = zg.FixedPoint(iterations=20, power_iterations=20)
+    v = torch.tensor([0.3, 0.7], dtype=DTYPE)
+    method(zg.InnerObjective([a, b], [lam], loss, state=state), [v, v])
+    after = method(zg.InnerObjective([b], [lam], loss, state=state), [v])[0]
+    fresh = method(zg.InnerObjective([b], [lam], loss), [v])[0]
+    assert torch.allclose(after, fresh, rtol=1e-14, atol=0)
+
+
 def test_two_uppers_reading_one_lower_get_their_own_exact_hypergradients() -> None:
     r = make_ridge(40.0)
     inner_m = Vec(r.theta_star())

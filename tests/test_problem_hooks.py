@@ -700,6 +700,65 @@ def test_non_finite_hypergradient_names_problem_and_step() -> None:
     assert torch.isfinite(lower.module.theta).all()
 
 
+def test_non_finite_hypergradient_after_a_non_finite_own_step_names_that_cause() -> None:
+    """check_finite checks the hypergradients received, not a problem's own gradient: a NaN
+    in the upper's own loss at its step 2 makes its parameters NaN, and the error at step 3
+    says the parameters were not finite already instead of advising damping."""
+    flag = {"bad": False}
+
+    def upper_step(p: zg.Problem, b: Any) -> torch.Tensor:
+        loss = good_upper(p, b)
+        return loss + p().sum() * float("nan") if flag["bad"] else loss
+
+    engine, _, _ = bilevel(upper_step, good_lower)
+    engine.train_step()
+    flag["bad"] = True
+    engine.train_step()  # the upper's own gradient is NaN: not checked, the step is taken
+    flag["bad"] = False
+    with pytest.raises(zg.HypergradientError) as info:
+        engine.train_step()
+    msg = str(info.value)
+    assert "at its step 3 is not finite" in msg
+    assert "The parameters of ['upper', 'lower'] are not finite already" in msg
+    assert "CG damping" not in msg
+
+
+def test_an_upper_problem_without_trainable_parameters_is_named() -> None:
+    """Every method, implicit or unrolled, names the upper problem that has nothing to
+    receive a hypergradient (all its tensors frozen) and the two ways out."""
+    for lower_config in (zg.Config(type="darts"), zg.Config(type="cg"),
+                         zg.Config(type="neumann")):
+        engine, upper, _ = bilevel(good_upper, good_lower, lower_config=lower_config)
+        upper.module.theta.requires_grad_(False)
+        with pytest.raises(zg.HypergradientError,
+                           match=r"problem 'upper' has no trainable parameters .* through "
+                                 r"'lower'.*remove the dependency"):
+            engine.train_step()
+    um, lm = Vec([0.5]), Vec([1.0])
+    lower = zg.IterativeProblem("lower", lm, torch.optim.SGD(lm.parameters(), lr=0.1),
+                                training_step=lambda p, b: ((p() - p.upper()) ** 2).sum())
+    upper = zg.ImplicitProblem("upper", um, torch.optim.SGD(um.parameters(), lr=0.1),
+                               training_step=lambda p, b: (p.lower() ** 2).sum())
+    engine = zg.Engine([upper, lower], zg.chain(upper, lower),
+                       zg.EngineConfig(summary=False, progress="off"))
+    um.theta.requires_grad_(False)
+    with pytest.raises(zg.HypergradientError, match=r"'upper' has no trainable parameters"):
+        engine.train_step()
+
+
+def test_a_tensor_in_both_theta_and_lambda_is_refused_by_the_methods() -> None:
+    """Called directly, a method refuses an objective whose λ holds one of θ's tensors (the
+    engine refuses such a program when it is built)."""
+    theta = torch.ones(2, dtype=DTYPE, requires_grad=True)
+    gain = torch.ones(1, dtype=DTYPE, requires_grad=True)
+    obj = zg.InnerObjective([theta], [gain, theta], lambda: (gain * theta ** 2).sum(),
+                            name="low", upper_name="up")
+    for method in (zg.Darts(), zg.CG(), zg.Neumann(alpha=0.1)):
+        with pytest.raises(zg.HypergradientError,
+                           match=r"upper_params\[1\] of 'up' are also parameters of 'low'"):
+            method(obj, [torch.ones(2, dtype=DTYPE)])
+
+
 def test_check_finite_false_lets_it_through() -> None:
     flag = {"bad": False}
     engine, upper, _lower = bilevel(

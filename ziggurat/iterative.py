@@ -27,6 +27,7 @@ from torch import Tensor
 from .backward import grad as autograd_grad
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
+from .hypergrad.base import no_upper_parameters
 from .optim import FunctionalOptimizer, from_torch, write_back
 from .problem import Problem
 from .registry import Family, Method
@@ -151,9 +152,7 @@ class IterativeProblem(Problem):
             theta = [p.detach().clone().requires_grad_() for p in params]
         else:
             theta = list(start)
-            if len(theta) != len(params) or any(
-                t.shape != p.shape for t, p in zip(theta, params)
-            ):
+            if not linalg.same_shapes(theta, params):
                 raise ConfigError(
                     self.name, "initial_parameters()", [tuple(t.shape) for t in theta],
                     f"one tensor per trainable parameter, shapes "
@@ -363,6 +362,8 @@ class IterativeProblem(Problem):
     ) -> list[Tensor]:
         method = self.method
         lam = upper.read_parameters()
+        if not lam:
+            raise no_upper_parameters(upper.name, self.name)
         if isinstance(method, EvolutionStrategies):
             return self._es_vjp(method, v, lam)
         if isinstance(method, Reinforce):

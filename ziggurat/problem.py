@@ -750,9 +750,7 @@ class Problem:
         replaced = self.grad_callback(grads)
         if replaced is not None:
             grads = list(replaced)
-            if len(grads) != len(params) or any(
-                g.shape != p.shape for g, p in zip(grads, params)
-            ):
+            if not linalg.same_shapes(grads, params):
                 raise ZigguratError(
                     f"grad_callback of problem '{self.name}' returned gradients of shapes "
                     f"{[tuple(g.shape) for g in grads]} for parameters of shapes "
@@ -862,11 +860,17 @@ class Problem:
         if (self.config.check_finite and not math.isfinite(norm)
                 and not linalg.all_finite(hyper)):
             bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
+            broken = [n for n, p in [(self.name, self), *self._others.items()]
+                      if not linalg.all_finite(p.trainable_parameters())]
+            cause = (f"The parameters of {broken} are not finite already: an earlier step "
+                     f"made them so (check_finite checks the hypergradients received, not a "
+                     f"problem's own gradient); look at that step's loss and learning rate."
+                     if broken else
+                     "Lower the learning rates, add CG damping, or check the Neumann alpha "
+                     "of the problems below it.")
             raise HypergradientError(
                 f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
-                f"not finite (NaN or Inf in parameters {bad}); the run is stopped. Lower the "
-                f"learning rates, add CG damping, or check the Neumann alpha of the problems "
-                f"below it."
+                f"not finite (NaN or Inf in parameters {bad}); the run is stopped. {cause}"
             )
         return hyper
 

@@ -102,6 +102,26 @@ class InnerObjective:
     reduce: Reducer | None = None
     module: torch.nn.Module | None = None
 
+    def check(self) -> None:
+        """Refuse what no hypergradient can be taken for: no λ, or a tensor in θ and λ."""
+        if not self.upper_params:
+            raise no_upper_parameters(self.upper_name, self.name)
+        lower = {id(p) for p in self.params}
+        shared = [i for i, t in enumerate(self.upper_params) if id(t) in lower]
+        if shared:
+            raise HypergradientError(
+                f"upper_params{shared} of '{self.upper_name}' are also parameters of "
+                f"'{self.name}' (the same tensors): a tensor is either θ or λ. Train each "
+                f"tensor in one problem only.")
+
+
+def no_upper_parameters(upper: str, lower: str) -> HypergradientError:
+    """The error for a hypergradient asked for an upper problem without parameters."""
+    return HypergradientError(
+        f"problem '{upper}' has no trainable parameters (none of its tensors requires "
+        f"grad), so it can take no hypergradient through '{lower}'. Give it a parameter "
+        f"that requires grad, or remove the dependency between '{upper}' and '{lower}'.")
+
 
 _NOT_COUPLED = (
     "{what} of problem '{name}' does not depend on the parameters of '{upper}', so its "
@@ -541,7 +561,8 @@ class HypergradMethod(Method, ABC):
         """(dθ*/dλ)ᵀ v, to be added to ∂_λ L_out (entries of v may be ``LinearFactors``
         when ``accepts_factors``; they are formed as matrices wherever a method needs them)."""
         params = list(objective.params)
-        if len(v) != len(params) or any(a.shape != b.shape for a, b in zip(v, params)):
+        objective.check()
+        if not linalg.same_shapes(v, params):
             raise HypergradientError(
                 f"{type(self).__name__}: the vector has shapes {[tuple(a.shape) for a in v]} "
                 f"but problem '{objective.name}' has parameters of shapes "

@@ -68,7 +68,7 @@ class FixedPoint(HypergradMethod):
         # one warm start per request key (upper problem and path): each solves its own v
         solutions = objective.state.setdefault("fixed_point_solutions", {})
         previous = solutions.get(objective.key) if self.warm_start else None
-        if previous is not None and any(a.shape != b.shape for a, b in zip(previous, v)):
+        if previous is not None and not linalg.same_shapes(previous, v):
             previous = None
         y = richardson(curvature, v, alpha, self.iterations, start=previous)
         if self.warm_start:

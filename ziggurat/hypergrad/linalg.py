@@ -30,6 +30,11 @@ def _dense_positions(xs: Sequence[object], ys: Sequence[object]) -> list[int]:
             if not isinstance(x, FactorSum) and not isinstance(y, FactorSum)]
 
 
+def same_shapes(xs: Sequence[Any], ys: Sequence[Any]) -> bool:
+    """Whether two tensor lists have the same length and shapes, entry by entry."""
+    return len(xs) == len(ys) and all(x.shape == y.shape for x, y in zip(xs, ys))
+
+
 def zeros_like(xs: Sequence[Tensor]) -> TensorList:
     """A list of zero tensors shaped like ``xs``."""
     return [FactorSum.zeros(x) if isinstance(x, FactorSum) else torch.zeros_like(x) for x in xs]

@@ -33,15 +33,21 @@ def step_size(
     cluster of eigenvalues near λ_max) can shrink that margin. The estimate and the last
     power iterate are kept in ``objective.state`` under ``key``: refreshes restart from the
     iterate, so the estimate sharpens over the run. The first start is a fixed-seed random
-    vector (the program's random stream is not used).
+    vector (the program's random stream is not used); so is the start after the parameter
+    list changed, which drops what was kept.
     """
     if alpha is not None:
         return alpha
     state: dict[str, Any] = objective.state.setdefault(key, {"calls": 0})
+    params = list(objective.params)
+    start = state.get("vector")
+    if start is not None and not linalg.same_shapes(start, params):
+        # the parameter list changed (a tensor frozen or unfrozen): H is another matrix
+        state.clear()
+        state["calls"] = 0
+        start = None
     if "alpha" not in state or state["calls"] % refresh == 0:
-        start = state.get("vector")
-        params = list(objective.params)
-        if start is None or any(a.shape != p.shape for a, p in zip(start, params)):
+        if start is None:
             generator = torch.Generator().manual_seed(0)
             start = [torch.randn(p.shape, dtype=p.dtype, generator=generator).to(
                 p.device, non_blocking=p.device.type == "cuda") for p in params]
