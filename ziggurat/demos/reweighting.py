@@ -7,7 +7,7 @@ loss mean_i w_i · ℓ_i with w_i = V(ℓ_i) / mean_batch V(ℓ_j). V, the "meta
 (MLP 1-100-1 with a sigmoid output), reads each sample's *detached* loss. Upper level
 "meta": V, trained with Adam so that the classifier does well on a clean meta set of 10
 images per class. The hypergradient through the classifier's step is SAMA with the exact
-mixed product (the one-step unrolled hypergradient through the real SGD-momentum update).
+mixed product (the one-step unrolled formula through the real SGD-momentum update).
 
 Prints, per seed, test accuracy of plain training on the noisy labels, of training on the
 100 clean meta images alone, of training on the clean training samples only (an oracle

@@ -1,8 +1,10 @@
 """DARTS: identity base Jacobian, x = scale · v (no Hessian solve).
 
 (dθ*/dλ)ᵀ v ≈ −scale · ∂²_{λθ} L_in · v. With ``scale`` equal to the lower learning rate
-this is the exact hypergradient of one unrolled SGD step (Liu et al., 2019); with the
-default ``scale=1`` it is the identity approximation H⁻¹ ≈ I used by Betty and SAMA.
+this is the formula of one unrolled SGD step (Liu et al., 2019), evaluated where every
+method is, at the lower parameters *after* their step (the exact one-step derivative takes
+it before the step: ``zg.Reverse`` on an ``IterativeProblem``); with the default
+``scale=1`` it is the identity approximation H⁻¹ ≈ I used by Betty and SAMA.
 The mixed product defaults to double backward; DARTS' central finite difference
 (ε = fd_eps/‖x‖) is available with ``mixed="fd"``.
 """
