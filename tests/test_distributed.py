@@ -37,7 +37,9 @@ from ziggurat.data import BatchStream
 PROGRAM = Path(__file__).parent / "programs" / "data_parallel.py"
 SCENARIOS = [*(f"equal-{m}" for m in METHODS), *(f"factored-{m}" for m in FACTORED), "gather",
              "zero1-sgd", "zero1-adam",
-             "zero-darts", "zero-sama", "chain3", "systems", "stop", "ckpt", "fsdp"]
+             "zero-darts", "zero-sama", "chain3", "chain3-skip", "systems", "stop", "ckpt",
+             "fsdp", "sched-zero-sama-exp", "sched-ddp-darts-plateau", "sched-zero-darts-plateau",
+             "nan", "ckpt-bn"]
 
 
 def _free_port() -> int:
@@ -222,6 +224,50 @@ def test_three_level_chain_two_ranks_equal_one_rank(
     assert rank0["all_reduce"] == STEPS * (1 + 2 + 3 + 2)
 
 
+def test_a_path_of_two_edges_two_ranks_equal_one_rank(
+    runs: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    """top reads bot through mid as well as directly: the vector carried from bot to mid is
+    a product of each rank's data, averaged before mid's method multiplies it by its own
+    (without that average top's parameters were 3e-3 off)."""
+    reference = build3(strategy="none", batch=2 * B, replicas=1, rank=0, skip=True)
+    reference.run()
+    assert _relerr(found_params(runs, "chain3-skip"), _params(reference)) <= 1e-9
+    # per meta-step, beyond the chain's: CG through bot for top's path (3 Hessian-vector
+    # products) and the inner edge's vector (mid-sized)
+    assert runs[1]["chain3-skip"][0]["all_reduce"] == STEPS * (1 + 2 + 3 + 2 + 3 + 1)
+
+
+@pytest.mark.parametrize("name", ["sched-zero-sama-exp", "sched-ddp-darts-plateau",
+                                  "sched-zero-darts-plateau"])
+def test_schedulers_two_ranks_equal_one_rank(runs: tuple[Path, dict[str, list[Any]]],
+                                             name: str) -> None:
+    """SAMA under ZeRO reads the learning rate of the step from the wrapper's groups, which
+    the scheduler sets (the local optimizer gets them only inside the step: SAMA read the
+    last step's lr, 1e-2 off); ReduceLROnPlateau steps with the mean of the ranks' losses
+    (each rank's own: replicas diverged by 0.18)."""
+    _, _, method, scheduler = name.split("-")
+    reference = build(method, strategy="none", batch=2 * B, replicas=1, rank=0,
+                      scheduler=scheduler)
+    reference.run()
+    assert _relerr(found_params(runs, name), _params(reference)) <= 1e-9
+    lrs = [g["lr"] for g in reference.problems[1].optimizer.param_groups]
+    assert max(lrs) < 0.05 * 0.9  # the schedule acted
+
+
+def test_a_non_finite_hypergradient_on_one_rank_stops_every_rank(
+    runs: tuple[Path, dict[str, list[Any]]],
+) -> None:
+    """Only rank 1's recomputed lower loss is NaN: its norm travels in the gradient's
+    all-reduce, so both ranks raise the error at the same step (rank 0 died of a closed
+    connection before)."""
+    rank0, rank1 = runs[1]["nan"]
+    assert "the hypergradient of problem 'outer' at its step 3 is not finite" in rank0["error"]
+    assert "on another rank" in rank0["error"]
+    assert "NaN or Inf in parameters" in rank1["error"]
+    assert rank0["outer_steps"] == rank1["outer_steps"] == 2
+
+
 @pytest.mark.parametrize("method", ["darts", "sama"])
 def test_zero_agrees_with_ddp(runs: tuple[Path, dict[str, list[Any]]], method: str) -> None:
     _, found = runs
@@ -246,10 +292,11 @@ def test_early_stopping_on_rank_0_stops_every_rank_and_rank_0_alone_logs(
 def test_two_rank_run_resumes_from_a_two_rank_checkpoint(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
-    """DDP with dropout (per-rank random streams), and ZeRO with Adam (sharded state,
+    """DDP with dropout (per-rank random streams), DDP with BatchNorm (every step starts
+    from rank 0's running statistics, the checkpoint's), and ZeRO with Adam (sharded state,
     consolidated on rank 0 for the file): bit-identical to the uninterrupted runs."""
     out, found = runs
-    runs_ = ["ckpt", "zero-sama"]
+    runs_ = ["ckpt", "ckpt-bn", "zero-sama"]
     for run in runs_:
         folder = out / ("ckpt" if run == "ckpt" else f"{run}-ckpt")
         assert sorted(p.name for p in folder.iterdir()) == [

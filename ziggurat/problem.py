@@ -506,6 +506,13 @@ class Problem:
         if self.config is not self._planned_config:  # a config replaced after attach
             self._fix_config_plan()
         params = self.trainable_parameters()
+        if self.comm is not None and self.module is not None:
+            # as torch's DDP (broadcast_buffers): every rank's step starts from rank 0's
+            # buffers (BatchNorm's running statistics), so replicas stay equal and a
+            # checkpoint of rank 0's module resumes every rank exactly
+            buffers = list(self.module.buffers())
+            if buffers:
+                self.comm.broadcast_tensors_(buffers)
         if self._lean and self.comm is None and len(batches) == 1:
             # fp32, one micro-batch, no view of another problem, no hook, clipping or loss
             # scaling (a problem that reads others may capture their linear layers:
@@ -600,6 +607,13 @@ class Problem:
             hyper = self._hypergradient(vectors, params)
             comm.wait()
             torch._foreach_add_(own, hyper)
+            if self.config.check_finite and self._hypergrad_norm is not None:
+                # every rank stops together: the norm travels in the gradient's all-reduce
+                # (a mean of the ranks' norms is finite only if each is)
+                norm = self._hypergrad_norm.reshape(1).to(own[0].dtype, copy=True)
+                comm.mean_([*own, norm])
+                self._stop_if_not_finite(hyper, norm)
+                return own
         comm.mean_(own)
         return own
 
@@ -733,17 +747,26 @@ class Problem:
             self.scheduler.step()
 
     def _scheduler_metric(self) -> float:
+        """The value a ReduceLROnPlateau scheduler steps with; under data parallelism its
+        mean over the ranks (one all-reduce), so that every replica takes the same
+        decision."""
         key = self.config.scheduler_metric
         if key == "loss":
             if self.last_loss is None:
                 raise ZigguratError(f"problem '{self.name}' has no loss to feed its scheduler.")
-            return float(self.last_loss)
-        if key not in self.last_metrics:
+            value = float(self.last_loss)
+        elif key not in self.last_metrics:
             raise ConfigError(
                 self.name, "config.scheduler_metric", key,
                 f"'loss' or a metric returned by training_step ({sorted(self.last_metrics)})",
             )
-        return float(self.last_metrics[key])
+        else:
+            value = float(self.last_metrics[key])
+        if self.comm is None:
+            return value
+        box = torch.tensor([value], dtype=torch.float64, device=self.comm.device)
+        self.comm.mean_([box])
+        return float(box)
 
     def _final_gradients(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
         """Apply ``grad_callback`` (checking what it returns)."""
@@ -855,24 +878,33 @@ class Problem:
             for path in paths:
                 torch._foreach_add_(hyper, self._carried_back(path, vectors))
         norm = self._hypergrad_norm = linalg.norm(hyper)  # a tensor: no host sync here
+        if self.config.check_finite and self.comm is None:  # (data parallel: below)
+            self._stop_if_not_finite(hyper, norm)
+        return hyper
+
+    def _stop_if_not_finite(self, hyper: list[Tensor], norm: Tensor) -> None:
+        """``check_finite``: stop with an error naming the problem, the step and the likely
+        cause when ``norm`` (of the hypergradient; under data parallelism the mean of the
+        ranks' norms, the same on every rank) is not finite."""
         # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
         # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
-        if (self.config.check_finite and not math.isfinite(norm)
-                and not linalg.all_finite(hyper)):
-            bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
-            broken = [n for n, p in [(self.name, self), *self._others.items()]
-                      if not linalg.all_finite(p.trainable_parameters())]
-            cause = (f"The parameters of {broken} are not finite already: an earlier step "
-                     f"made them so (check_finite checks the hypergradients received, not a "
-                     f"problem's own gradient); look at that step's loss and learning rate."
-                     if broken else
-                     "Lower the learning rates, add CG damping, or check the Neumann alpha "
-                     "of the problems below it.")
-            raise HypergradientError(
-                f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
-                f"not finite (NaN or Inf in parameters {bad}); the run is stopped. {cause}"
-            )
-        return hyper
+        if math.isfinite(norm) or (self.comm is None and linalg.all_finite(hyper)):
+            return
+        bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
+        where = (f"NaN or Inf in parameters {bad}" if bad or self.comm is None
+                 else "NaN or Inf on another rank")
+        broken = [n for n, p in [(self.name, self), *self._others.items()]
+                  if not linalg.all_finite(p.trainable_parameters())]
+        cause = (f"The parameters of {broken} are not finite already: an earlier step "
+                 f"made them so (check_finite checks the hypergradients received, not a "
+                 f"problem's own gradient); look at that step's loss and learning rate."
+                 if broken else
+                 "Lower the learning rates, add CG damping, or check the Neumann alpha "
+                 "of the problems below it.")
+        raise HypergradientError(
+            f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
+            f"not finite ({where}); the run is stopped. {cause}"
+        )
 
     def _carried_back(self, path: tuple[str, ...], vectors: Mapping[str, list[Tensor]]
                       ) -> list[Tensor]:
@@ -882,6 +914,11 @@ class Problem:
         for i in range(len(path) - 1, 0, -1):
             upper = self if i == 1 else self._others[path[i - 1]]
             vec = self._others[path[i]].best_response_vjp(vec, upper, key=path)
+            if i > 1 and self.comm is not None:
+                # data parallel: a product is this rank's part of the global one; the next
+                # edge's method must see the global vector (it multiplies it by products
+                # of its own rank's data), so it is averaged here, once per inner edge
+                self.comm.mean_(vec)
         return vec
 
     def _gradients(

@@ -94,17 +94,21 @@ class Engine(zg.Engine):
 def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
           dropout: float = 0.0, inner: Mapping[str, Any] | None = None,
           factored: bool = False, single: bool = False, optimizer: str | None = None,
-          **engine: Any) -> zg.Engine:
+          scheduler: str | None = None, batchnorm: bool = False, **engine: Any) -> zg.Engine:
     """The program; ``factored``: hidden width ``WIDE`` with a second hidden layer and the
     method ``FACTORED[method]``; ``single``: the lower model one weight tensor (5 → 1, no
     bias: under ZeRO with 2 ranks one rank's optimizer shard is empty); ``optimizer``
-    ("sgd" or "adam") overrides the lower optimizer (Adam for sama, else SGD)."""
+    ("sgd" or "adam") overrides the lower optimizer (Adam for sama, else SGD);
+    ``scheduler`` ("exp" or "plateau", on the loss) schedules the lower optimizer (under
+    ZeRO built on a ZeroRedundancyOptimizer given as the optimizer, as the docs ask);
+    ``batchnorm``: a BatchNorm1d after the first layer (running statistics: buffers)."""
     torch.manual_seed(0)
     width = WIDE if factored else 1 if single else 4
     middle = ([torch.nn.Linear(width, width), torch.nn.Tanh()] if factored else [])
     net = (torch.nn.Sequential(torch.nn.Linear(5, 1, bias=False)).to(DTYPE) if single else
-           torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Tanh(),
-                               torch.nn.Dropout(dropout), *middle,
+           torch.nn.Sequential(torch.nn.Linear(5, width),
+                               *([torch.nn.BatchNorm1d(width)] if batchnorm else []),
+                               torch.nn.Tanh(), torch.nn.Dropout(dropout), *middle,
                                torch.nn.Linear(width, 1)).to(DTYPE))
     upper = torch.nn.ParameterDict({
         "decay": torch.nn.Parameter(torch.full((width, 5), -1.0, dtype=DTYPE)),
@@ -123,10 +127,19 @@ def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
         return ((p.inner(x) - y) ** 2).mean()
 
     adam = optimizer == "adam" if optimizer is not None else method == "sama"
-    lower_opt = (torch.optim.Adam(net.parameters(), lr=0.05) if adam
-                 else torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
-    lower = zg.ImplicitProblem("inner", net, lower_opt, train_data_loader=train,
-                               training_step=inner_loss,
+    kind, settings_ = ((torch.optim.Adam, {"lr": 0.05}) if adam
+                       else (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}))
+    lower_opt: torch.optim.Optimizer = kind(net.parameters(), **settings_)
+    if scheduler is not None and strategy == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        lower_opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=kind, **settings_)
+    schedule = (None if scheduler is None
+                else torch.optim.lr_scheduler.ExponentialLR(lower_opt, gamma=0.8)
+                if scheduler == "exp"
+                else torch.optim.lr_scheduler.ReduceLROnPlateau(lower_opt, factor=0.5,
+                                                                patience=0))
+    lower = zg.ImplicitProblem("inner", net, lower_opt, scheduler=schedule,
+                               train_data_loader=train, training_step=inner_loss,
                                config=zg.Config(type=(FACTORED if factored else METHODS)[
                                    method](), **(inner or {})))
     outer = zg.Problem("outer", upper, torch.optim.Adam(upper.parameters(), lr=0.02),
@@ -137,10 +150,13 @@ def build(method: str, *, strategy: str, batch: int, replicas: int, rank: int,
                   config=zg.EngineConfig(**settings))
 
 
-def build3(*, strategy: str, batch: int, replicas: int, rank: int) -> zg.Engine:
+def build3(*, strategy: str, batch: int, replicas: int, rank: int,
+           skip: bool = False) -> zg.Engine:
     """Three levels, zg.chain(top, mid, bot): bot's MLP with mid's per-weight decay (CG
     through bot), mid's decay trained on held-out MSE plus top's penalty (Darts through mid),
-    top's penalty trained on a loss of mid's decay on its own batch."""
+    top's penalty trained on a loss of mid's decay on its own batch; ``skip``: top's loss
+    also reads bot's predictions on its batch, a hypergradient path of two edges
+    (top ← mid ← bot) whose inner vector is a product of the ranks' data."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
                               torch.nn.Linear(4, 1)).to(DTYPE)
@@ -163,7 +179,8 @@ def build3(*, strategy: str, batch: int, replicas: int, rank: int) -> zg.Engine:
     def top_loss(p: zg.Problem, b: Any) -> torch.Tensor:
         x, y = b
         scale = torch.nn.functional.softplus(p.mid.module["decay"]).mean(0)
-        return ((x @ scale - y.squeeze(1)) ** 2).mean()
+        fit = ((x @ scale - y.squeeze(1)) ** 2).mean()
+        return fit + ((p.bot(x) - y) ** 2).mean() if skip else fit
 
     bot = zg.ImplicitProblem("bot", net, torch.optim.SGD(net.parameters(), lr=0.05),
                              train_data_loader=train, training_step=bot_loss,
@@ -173,7 +190,9 @@ def build3(*, strategy: str, batch: int, replicas: int, rank: int) -> zg.Engine:
                              config=zg.Config(type="darts"))
     top = zg.Problem("top", top_m, torch.optim.Adam(top_m.parameters(), lr=0.05),
                      train_data_loader=top_data, training_step=top_loss)
-    return zg.Engine([top, mid, bot], zg.chain(top, mid, bot), config=zg.EngineConfig(
+    deps = ({"u2l": {top: [mid], mid: [bot]}, "l2u": {bot: [mid, top], mid: [top]}} if skip
+            else zg.chain(top, mid, bot))
+    return zg.Engine([top, mid, bot], deps, config=zg.EngineConfig(
         train_iters=STEPS, progress="off", summary=False, logger_type=(), strategy=strategy))
 
 
@@ -411,10 +430,39 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
                        single=True, optimizer=method)
         engine.run()
         return result(engine)
-    if kind == "chain3":
-        engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank)
+    if kind == "chain3":  # chain3, chain3-skip (a path of two edges)
+        engine = build3(strategy="ddp", batch=B, replicas=world, rank=rank,
+                        skip=method == "skip")
         calls = run_counting_all_reduces(engine)
         return {**result(engine), "all_reduce": calls}
+    if kind == "sched":  # sched-<strategy>-<method>-<scheduler>
+        strategy, method, scheduler = method.split("-")
+        engine = build(method, strategy=strategy, batch=B, replicas=world, rank=rank,
+                       scheduler=scheduler)
+        engine.run()
+        return result(engine)
+    if kind == "nan":  # rank 1's lower loss is NaN when the 3rd hypergradient recomputes it
+        engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank)
+        outer, inner = engine.problems
+        poison = {"on": False}
+        outer_loss, inner_step, inner_loss = outer.training_step, inner.step, inner.training_step
+
+        def marked_outer_loss(b: Any) -> Any:
+            poison["on"] = rank == 1 and outer.count == 2
+            return outer_loss(b)
+
+        def clean_inner_step() -> None:
+            poison["on"] = False
+            inner_step()
+
+        def poisoned_inner_loss(b: Any) -> Any:
+            loss = inner_loss(b)
+            return loss * float("nan") if poison["on"] else loss
+
+        outer.training_step = marked_outer_loss  # type: ignore[method-assign]
+        inner.step = clean_inner_step  # type: ignore[method-assign]
+        inner.training_step = poisoned_inner_loss  # type: ignore[method-assign]
+        return {"error": _failure(engine.run), "outer_steps": outer.count}
     if kind == "systems":  # unroll 2 with roll-back, 2 micro-batches per step, CG
         engine = build("cg", strategy="ddp", batch=B, replicas=world, rank=rank, inner=SYSTEMS)
         engine.run()
@@ -427,17 +475,19 @@ def run_scenario(name: str, out: Path, rank: int, world: int) -> dict[str, Any]:
         engine.run()
         return {**result(engine), "history": [[s, float(m["rank"])]
                                               for s, m in engine.validation_history]}
-    if kind == "ckpt":
+    if kind == "ckpt":  # ckpt: darts, ddp, dropout; ckpt-bn: with BatchNorm
         engine = build("darts", strategy="ddp", batch=B, replicas=world, rank=rank,
-                       dropout=0.3, checkpoint_dir=str(out / "ckpt"), checkpoint_step=10,
-                       keep_last=5)
+                       dropout=0.3, checkpoint_dir=str(out / ("ckpt-bn-ckpt" if method else
+                                                              "ckpt")),
+                       checkpoint_step=10, keep_last=5, batchnorm=method == "bn")
         engine.run()
         return result(engine)
-    if kind == "resume":  # resume-ckpt: darts, ddp, dropout; resume-zero-<method>: zero
+    if kind == "resume":  # resume-ckpt(-bn): darts, ddp, dropout; resume-zero-<method>: zero
         zero = method.startswith("zero-")
         engine = build(method[5:] if zero else "darts", strategy="zero" if zero else "ddp",
                        batch=B, replicas=world, rank=rank, dropout=0.0 if zero else 0.3,
-                       checkpoint_dir=str(out / f"{name}-in"), resume=True, checkpoint_step=10)
+                       checkpoint_dir=str(out / f"{name}-in"), resume=True, checkpoint_step=10,
+                       batchnorm=method == "ckpt-bn")
         engine.run()
         return result(engine)
     if kind == "fail":  # rank 1 raises in its 3rd step; rank 0 waits in a collective

@@ -361,6 +361,12 @@ class SAMA(HypergradMethod):
         name = state.get("problem_name", "inner")
         _check_supported(opt, name)
         groups = _group_of(opt)
+        if opt is not optimizer:
+            # ZeRO: this rank's shard is the local optimizer's, the settings of the step are
+            # the wrapper's groups (a scheduler writes those; the wrapper copies them into
+            # the local optimizer only inside its step, after this record)
+            settings_of = _group_of(optimizer)
+            groups = {key: settings_of.get(key, group) for key, group in groups.items()}
         record: dict[int, float | dict[str, Any]] = {}
         # (a group's settings read once, not per parameter: see ``_adam_group``)
         settings: dict[int, _AdamGroup] = {}

@@ -354,7 +354,10 @@ def distributed_loader(
     The sampler is a ``DistributedSampler(shuffle=shuffle, seed=seed)``; ziggurat's batch
     stream calls its ``set_epoch(pass)`` before every pass, so each epoch is shuffled
     afresh, identically on every rank (no overlap between ranks), and resumes exactly.
-    Without shuffling rank r reads samples r, r + W, r + 2W, ... (W = world size).
+    Without shuffling rank r reads samples r, r + W, r + 2W, ... (W = world size). A dataset
+    whose size W does not divide is padded (``drop_last=False``, torch's rule): each pass
+    repeats the first samples of its order so that every rank has as many; ``drop_last=True``
+    drops the remainder instead.
     """
     sampler: torch.utils.data.DistributedSampler[Any] = torch.utils.data.DistributedSampler(
         dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
