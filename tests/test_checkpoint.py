@@ -271,6 +271,34 @@ def test_resume_keeps_the_metrics_written_before_the_checkpoint(tmp_path: Path) 
         assert [int(r["global_step"]) for r in csv.DictReader(f)] == steps
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_last_line_cut_short_is_dropped_on_resume(tmp_path: Path, kind: str) -> None:
+    """A crash while a record was written (power loss, a full disk) leaves a last line
+    without its line end: the resumed run drops it (JSONL failed to parse it, CSV kept a
+    row with truncated cells); that record is lost, the others are kept once."""
+    import csv
+    import json
+
+    def program(iters: int, resume: bool) -> None:
+        engine, _ = _small_engine(tmp_path / "ckpt", train_iters=iters, checkpoint_step=3,
+                                  resume=resume, log_step=1, logger_type=kind,
+                                  log_dir=str(tmp_path / "logs"))
+        engine.run()
+
+    program(4, False)
+    path = tmp_path / "logs" / "run" / f"metrics.{kind}"
+    text = path.read_text()
+    path.write_text(text[:-12])  # step 4's last record cut short; resumed from step 4
+    program(6, True)
+    if kind == "jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    assert [int(r["global_step"]) for r in rows] == [1, 1, 2, 2, 3, 3, 4, 5, 5, 6, 6]
+    assert all(r["wall_time"] not in (None, "") and float(r["wall_time"]) > 0 for r in rows)
+
+
 def test_records_are_not_repeated_for_problems_that_did_not_step(tmp_path: Path) -> None:
     import json
 
@@ -287,6 +315,35 @@ def test_records_are_not_repeated_for_problems_that_did_not_step(tmp_path: Path)
                for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records if r["problem"] == "outer"] == [3, 6]
     assert [r["global_step"] for r in records if r["problem"] == "inner"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resumed_run_logs_what_an_uninterrupted_one_logs(tmp_path: Path) -> None:
+    """The upper problem steps every 3 iterations; a run resumed from the checkpoint of
+    iteration 4 (outer last stepped at 3) writes every record once, the hypergradient norm
+    included: the records of the logs and the checkpoint agree on what was logged."""
+    import json
+
+    def program(folder: str, iters: int, resume: bool) -> list[dict[str, Any]]:
+        m, h = Vec([1.0, -1.0]), Vec([0.5])
+        inner = zg.ImplicitProblem("inner", m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                   config=zg.Config(unroll_steps=3),
+                                   training_step=lambda p, b: ((p() - p.outer()) ** 2).sum())
+        outer = zg.ImplicitProblem("outer", h, torch.optim.SGD(h.parameters(), lr=0.1),
+                                   training_step=lambda p, b: (p.inner() ** 2).sum())
+        zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(
+            train_iters=iters, log_step=1, logger_type="jsonl", log_dir=str(tmp_path / folder),
+            checkpoint_dir=str(tmp_path / folder / "ckpt"), checkpoint_step=4, resume=resume,
+            summary=False, progress="off")).run()
+        lines = (tmp_path / folder / "run" / "metrics.jsonl").read_text().splitlines()
+        return [{k: r[k] for k in ("global_step", "problem", "step", "loss", "hypergrad_norm")}
+                for r in map(json.loads, lines)]
+
+    whole = program("a", 9, False)
+    program("b", 5, False)  # checkpoints at 4 and at the end (5)
+    (tmp_path / "b" / "ckpt" / "ckpt-000000005.pt").unlink()  # as if killed after step 5
+    resumed = program("b", 9, True)
+    assert resumed == whole
+    assert [r["global_step"] for r in whole if r["problem"] == "outer"] == [3, 6, 9]
 
 
 def test_metrics_are_averaged_over_micro_batches() -> None:

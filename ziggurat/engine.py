@@ -296,6 +296,7 @@ class Engine:
             ],
             "rng": rng_state(),
             "elapsed": self._elapsed,
+            "logged_counts": dict(self._logged_counts),
             "problems": {p.name: p.state_dict() for p in self.problems},
         }
 
@@ -318,6 +319,10 @@ class Engine:
         self.validation_history = [(int(s), dict(m)) for s, m in state["validation_history"]]
         set_rng_state(state["rng"])
         self._elapsed = float(state.get("elapsed", 0.0))
+        # which steps the logs hold already (a checkpoint without them: every step so far),
+        # so that a problem that has not stepped since is not recorded twice
+        self._logged_counts = {str(k): int(v) for k, v in state.get(
+            "logged_counts", {p.name: p.count for p in self.problems}).items()}
 
     def _should_stop(self, metrics: Mapping[str, Any]) -> bool:
         cfg = self.config

@@ -426,6 +426,7 @@ class Problem:
             "cur_batch": batch if is_plain(batch) else None,
             "cur_batch_micro": isinstance(self.cur_batch, MicroBatches),
             "last_loss": self.last_loss,
+            "hypergrad_norm": self._hypergrad_norm,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -455,6 +456,7 @@ class Problem:
         self.cur_batch = (MicroBatches([moved(b) for b in batch])
                           if state["cur_batch_micro"] and batch is not None else moved(batch))
         self.last_loss = state["last_loss"]
+        self._hypergrad_norm = state.get("hypergrad_norm")
 
     def end_unroll(self) -> None:
         """Called once the upper problems have stepped: the unroll is over (roll back)."""

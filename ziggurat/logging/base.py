@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import operator
+import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -149,6 +151,13 @@ def format_number(value: float | None, digits: int = 6) -> str:
     if math.isnan(value):
         return "nan"
     return f"{value:.{digits}g}"
+
+
+def complete_lines(path: str | os.PathLike[str]) -> str:
+    """The text of a log file up to its last line end: a last line without one was cut short
+    by a crash (power loss, a full disk) and is dropped, so a resumed run reads the file."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text[:text.rfind("\n") + 1]
 
 
 class Sink(ABC):

@@ -16,10 +16,11 @@ Cells: numbers as Python writes them (``repr``: round-trips exactly; NaN / ±∞
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
-from .base import RECORD_FIELDS, MetricRecord, Sink
+from .base import RECORD_FIELDS, MetricRecord, Sink, complete_lines
 
 
 class CsvSink(Sink):
@@ -33,10 +34,9 @@ class CsvSink(Sink):
         self._metric_columns: dict[str, str] = {}
         rows: list[dict[str, str]] = []
         if resume_step is not None and self.path.exists():
-            with open(self.path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self._columns = list(reader.fieldnames or RECORD_FIELDS)
-                rows = [r for r in reader if int(r["global_step"]) <= resume_step]
+            reader = csv.DictReader(io.StringIO(complete_lines(self.path)))
+            self._columns = list(reader.fieldnames or RECORD_FIELDS)
+            rows = [r for r in reader if int(r["global_step"]) <= resume_step]
             for column in self._columns[len(RECORD_FIELDS):]:
                 name = column
                 while name.startswith("metrics.") and name[len("metrics."):] in self._columns:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import MetricRecord, Sink
+from .base import MetricRecord, Sink, complete_lines
 
 
 def json_number(value: float | None) -> float | str | None:
@@ -47,7 +47,7 @@ class JsonlSink(Sink):
     def __init__(self, path: str | os.PathLike[str], resume_step: int | None = None) -> None:
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+            keep = [line for line in complete_lines(self.path).splitlines()
                     if line.strip() and json.loads(line).get("global_step", 0) <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
