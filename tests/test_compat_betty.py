@@ -530,3 +530,42 @@ def test_config_translation_and_strategies() -> None:
 
 def test_math_isfinite_helper() -> None:
     assert math.isfinite(betty.utils.get_weight_norm(data.linear(2).parameters()))
+
+
+def test_counters_inside_a_step_and_in_messages_are_bettys() -> None:
+    """Betty increments ``global_step`` before an iteration's steps and counts the step
+    being taken in ``count``: both read so inside a step; outside it they count what was
+    taken; an error names the step as native problems do (it said one too many)."""
+    seen: list[tuple[int, int]] = []
+    theta, lam = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+
+    class Inner(ImplicitProblem):
+        def training_step(self, batch: Any) -> torch.Tensor:
+            return ((self.module.theta - self.outer.module.lam) ** 2).sum()
+
+        def param_callback(self, params: Any) -> None:
+            seen.append((engine.global_step, self.count))
+
+    class Outer(ImplicitProblem):
+        def training_step(self, batch: Any) -> torch.Tensor:
+            bad = float("nan") if self.count == 3 else 1.0
+            return bad * (self.inner.module.theta ** 2).sum()
+
+    im, om = torch.nn.Module(), torch.nn.Module()
+    im.theta, om.lam = theta, lam
+    inner = Inner("inner", Config(type="darts"), im, torch.optim.SGD([theta], lr=0.1), None,
+                  [None])
+    outer = Outer("outer", Config(), om, torch.optim.SGD([lam], lr=0.1), None, [None])
+    engine = Engine([outer, inner], EngineConfig(train_iters=4, strategy="cpu"),
+                    {"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+    with pytest.raises(zg.HypergradientError, match=r"problem 'outer' at its step 3 is not"):
+        engine.run()
+    assert seen[:3] == [(1, 1), (2, 2), (3, 3)]  # (global_step, count) in inner's step 1..3
+    assert engine.global_step == 2 and outer.count == 2
+
+
+def test_gradient_accumulation_warns_that_the_schedule_counts_accumulated_steps() -> None:
+    with pytest.warns(UserWarning, match=r"gradient_accumulation=2.*divide them by 2"):
+        Config(gradient_accumulation=2).to_ziggurat(zg.Darts())
+    with pytest.raises(ConfigError, match=r"betty Config\.gradient_accumulation=0"):
+        Config(gradient_accumulation=0).to_ziggurat(zg.Darts())

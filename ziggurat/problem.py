@@ -884,6 +884,10 @@ class Problem:
             self._stop_if_not_finite(hyper, norm)
         return hyper
 
+    def _step_number(self) -> int:
+        """The number of the step being taken (1 for the first), for messages."""
+        return self.count + 1
+
     def _stop_if_not_finite(self, hyper: list[Tensor], norm: Tensor) -> None:
         """``check_finite``: stop with an error naming the problem, the step and the likely
         cause when ``norm`` (of the hypergradient; under data parallelism the mean of the
@@ -904,7 +908,7 @@ class Problem:
                  "Lower the learning rates, add CG damping, or check the Neumann alpha "
                  "of the problems below it.")
         raise HypergradientError(
-            f"the hypergradient of problem '{self.name}' at its step {self.count + 1} is "
+            f"the hypergradient of problem '{self.name}' at its step {self._step_number()} is "
             f"not finite ({where}); the run is stopped. {cause}"
         )
 

@@ -37,6 +37,7 @@ darts / sama by double backward; "fd" uses Betty's central finite difference.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,12 +124,23 @@ class Config:
         if not isinstance(warmup, int) or warmup < 0:
             raise ConfigError("betty Config", "warmup_steps", warmup, "an integer >= 0")
         clip = self.gradient_clipping
+        accumulation = self.gradient_accumulation
+        if not isinstance(accumulation, int) or accumulation < 1:
+            raise ConfigError("betty Config", "gradient_accumulation", accumulation,
+                              "an integer >= 1")
+        if accumulation > 1:
+            warnings.warn(
+                f"betty Config(gradient_accumulation={accumulation}): one step draws the "
+                f"{accumulation} micro-batches here, so train_iters, warmup_steps and "
+                f"valid_step count accumulated steps (Betty counts micro-batches); divide "
+                f"them by {accumulation} for Betty's schedule (docs/migrating_from_betty.md)",
+                UserWarning, stacklevel=3)
         return _BettyBackedConfig(
             type=method,
             unroll_steps=unroll,
             roll_back=roll_back,
             warmup_steps=unroll * (warmup // unroll),
-            gradient_accumulation=self.gradient_accumulation,
+            gradient_accumulation=accumulation,
             gradient_clipping=float(clip) if clip and clip > 0 else None,
             precision=self.precision,
             betty=self,

@@ -115,6 +115,7 @@ class Engine(_engine.Engine):
             raise ConfigError("betty Engine", "config", type(config).__name__,
                               "a betty.configs.EngineConfig")
         strategy_for(strategy)
+        self._betty_stepping = False
         self.betty_config = config
         self.device = _device_for(strategy)
         self.dependencies = dependencies
@@ -149,6 +150,23 @@ class Engine(_engine.Engine):
             self.validation = validation  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------- Betty's interface
+    @property
+    def global_step(self) -> int:
+        """Iterations taken; inside ``train_step`` it includes the iteration being taken
+        (Betty increments it first)."""
+        return self._global_step + (1 if self._betty_stepping else 0)
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self._global_step = value - (1 if self._betty_stepping else 0)
+
+    def train_step(self) -> list[str]:
+        self._betty_stepping = True
+        try:
+            return super().train_step()
+        finally:
+            self._betty_stepping = False
+
     @property
     def leaves(self) -> list[Any]:
         """Problems with no lower problem (stepped every iteration)."""

@@ -100,6 +100,9 @@ class Problem(_problem.Problem):
     def count(self, value: int) -> None:
         self._betty_count = value - (1 if self._betty_stepping else 0)
 
+    def _step_number(self) -> int:
+        return self._betty_count + 1  # (``count`` already counts the step inside it)
+
     def step(self) -> None:
         self._betty_stepping = True
         try:
