@@ -299,18 +299,23 @@ def test_a_last_line_cut_short_is_dropped_on_resume(tmp_path: Path, kind: str) -
     assert all(r["wall_time"] not in (None, "") and float(r["wall_time"]) > 0 for r in rows)
 
 
-def test_records_are_not_repeated_for_problems_that_did_not_step(tmp_path: Path) -> None:
-    import json
-
+def _outer_every_third_iteration(**settings: Any) -> zg.Engine:
+    """inner steps every iteration, outer every third (unroll 3); ``EngineConfig(**settings)``
+    with JSONL records of every step."""
     m, h = Vec([1.0, -1.0]), Vec([0.5])
     inner = zg.ImplicitProblem("inner", m, torch.optim.SGD(m.parameters(), lr=0.1),
                                config=zg.Config(unroll_steps=3),
                                training_step=lambda p, b: ((p() - p.outer()) ** 2).sum())
     outer = zg.ImplicitProblem("outer", h, torch.optim.SGD(h.parameters(), lr=0.1),
                                training_step=lambda p, b: (p.inner() ** 2).sum())
-    zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(
-        train_iters=6, log_step=1, logger_type="jsonl", log_dir=str(tmp_path), summary=False,
-        progress="off")).run()
+    return zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(
+        log_step=1, logger_type="jsonl", summary=False, progress="off", **settings))
+
+
+def test_records_are_not_repeated_for_problems_that_did_not_step(tmp_path: Path) -> None:
+    import json
+
+    _outer_every_third_iteration(train_iters=6, log_dir=str(tmp_path)).run()
     records = [json.loads(x)
                for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in records if r["problem"] == "outer"] == [3, 6]
@@ -324,16 +329,9 @@ def test_a_resumed_run_logs_what_an_uninterrupted_one_logs(tmp_path: Path) -> No
     import json
 
     def program(folder: str, iters: int, resume: bool) -> list[dict[str, Any]]:
-        m, h = Vec([1.0, -1.0]), Vec([0.5])
-        inner = zg.ImplicitProblem("inner", m, torch.optim.SGD(m.parameters(), lr=0.1),
-                                   config=zg.Config(unroll_steps=3),
-                                   training_step=lambda p, b: ((p() - p.outer()) ** 2).sum())
-        outer = zg.ImplicitProblem("outer", h, torch.optim.SGD(h.parameters(), lr=0.1),
-                                   training_step=lambda p, b: (p.inner() ** 2).sum())
-        zg.Engine([outer, inner], zg.chain(outer, inner), zg.EngineConfig(
-            train_iters=iters, log_step=1, logger_type="jsonl", log_dir=str(tmp_path / folder),
-            checkpoint_dir=str(tmp_path / folder / "ckpt"), checkpoint_step=4, resume=resume,
-            summary=False, progress="off")).run()
+        _outer_every_third_iteration(
+            train_iters=iters, log_dir=str(tmp_path / folder), resume=resume,
+            checkpoint_dir=str(tmp_path / folder / "ckpt"), checkpoint_step=4).run()
         lines = (tmp_path / folder / "run" / "metrics.jsonl").read_text().splitlines()
         return [{k: r[k] for k in ("global_step", "problem", "step", "loss", "hypergrad_norm")}
                 for r in map(json.loads, lines)]
