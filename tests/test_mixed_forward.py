@@ -291,3 +291,51 @@ def test_forward_mode_sees_the_lower_model_as_double_backward_does(penalty: str,
     forward = _flat(zg.Darts(mixed="forward")(obj, v))
     assert exact.abs().max() > 1e-4  # the penalty's term is there to be kept
     assert rel_err(forward, exact) <= 1e-12
+
+
+def test_forward_mode_records_no_graph_to_theta_unless_the_loss_looks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first evaluation's stand-ins for θ do not require grad: on the reweighting loss no
+    activation is kept for a backward to θ (what is saved and still alive at the tangent's
+    backward is the meta net's few bytes); a loss that reads ``requires_grad`` of θ is
+    evaluated again with stand-ins that require grad, which keeps the layers' inputs."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 256), torch.nn.Tanh(),
+                              torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                              torch.nn.Linear(256, 3)).double()
+    meta = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1),
+                               torch.nn.Sigmoid()).double()
+    x, y = torch.randn(32, 20, dtype=DTYPE), torch.randint(0, 3, (32,))
+
+    def loss() -> torch.Tensor:
+        losses = F.cross_entropy(net(x), y, reduction="none")
+        return (meta(losses.detach().unsqueeze(1)).squeeze(1) * losses).mean()
+
+    obj = zg.InnerObjective(list(net.parameters()), list(meta.parameters()), loss, module=net)
+    v = [torch.randn_like(p) for p in net.parameters()]
+    saved: list[tuple[Any, int]] = []
+    alive: list[int] = []
+    backward = base.autograd_grad
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        alive.append(sum(n for ref, n in saved if ref() is not None))
+        return backward(*args, **kwargs)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((weakref.ref(t), t.numel() * t.element_size()))
+        return t
+
+    monkeypatch.setattr(base, "autograd_grad", spy)
+    looking = zg.InnerObjective(
+        obj.params, obj.upper_params, module=net,
+        loss=lambda: obj.loss() + 0 * sum(p.sum() for p in net.parameters() if p.requires_grad))
+    for objective in (obj, looking):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            zg.Darts(mixed="forward")(objective, v)
+    first, looked = alive
+    activations = 32 * (20 + 256 + 256) * 8  # the three layers' inputs, float64
+    assert first < activations / 10 and looked > activations

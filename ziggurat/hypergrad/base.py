@@ -31,7 +31,7 @@ from ..registry import Family, Method
 from ..unrolled.reparam import use_parameters
 from ..validation import check_float
 from . import factored, factored_hessian, linalg
-from .factored import FactoredTangents, LinearFactors, densify
+from .factored import FactoredTangents, LinearFactors, NeedsGradView, densify
 from .factored_hessian import HessianCapture
 from .linalg import TensorList
 from .lowrank import FactorSum
@@ -385,9 +385,12 @@ def mixed_forward(objective: InnerObjective,
             f"mixed='forward' needs the module of problem '{objective.name}' (the "
             f"InnerObjective has module=None); pass module=... or use mixed='exact'."
         )
-    tangent = _loss_tangent(objective, x, hand_linear=True)
-    if tangent is False:  # a derivative inside L_in went through a hand-made linear layer
-        tangent = _loss_tangent(objective, x, hand_linear=False)
+    try:
+        tangent = _loss_tangent(objective, x, exact_view=False)
+    except NeedsGradView:  # L_in looked at θ's requires_grad, or differentiated with θ
+        tangent = False
+    if tangent is False:  # ... or a derivative inside it went through a hand-made layer
+        tangent = _loss_tangent(objective, x, exact_view=True)
     assert tangent is not False
     upper = list(objective.upper_params)
     out = (autograd_grad(tangent, upper, allow_unused=True)
@@ -396,26 +399,34 @@ def mixed_forward(objective: InnerObjective,
 
 
 def _loss_tangent(objective: InnerObjective, x: Sequence[Tensor | LinearFactors],
-                  hand_linear: bool) -> Tensor | Literal[False] | None:
-    """The tangent of L_in at θ in direction x (None: none reached the loss); False when
-    ``hand_linear`` layers were differentiated inside L_in (``FactoredTangents``)."""
+                  exact_view: bool) -> Tensor | Literal[False] | None:
+    """The tangent of L_in at θ in direction x (None: none reached the loss).
+
+    First (``exact_view`` False) θ's stand-ins do not require grad, so no graph to θ is
+    recorded and activations are freed as the forward goes, and linear layers' tangents are
+    made by hand; False when a derivative inside L_in went through such a layer, and
+    ``NeedsGradView`` when L_in looked at θ's ``requires_grad`` (``FactoredTangents``).
+    Then (``exact_view``) the stand-ins require grad as θ does, so that L_in sees them as
+    it sees θ (a ``requires_grad`` filter, ``trainable_parameters()``, a derivative taken
+    inside it), and ``F.linear`` takes forward mode's own formula."""
     params = list(objective.params)
     assert objective.module is not None
     with torch.autograd.forward_ad.dual_level():
         values: list[Tensor] = []
         stand_ins: dict[int, tuple[Tensor, LinearFactors]] = {}
-        # stand-ins require grad as the parameters do, so that L_in sees them as it sees
-        # the parameters (``trainable_parameters()``, a ``requires_grad`` filter, a
-        # derivative taken inside it); the backward from the tangent reaches λ only
         for p, xi in zip(params, x):
             if isinstance(xi, LinearFactors):
-                stand_in = p.detach().requires_grad_(p.requires_grad)  # known by identity
+                stand_in = p.detach()  # a tensor of its own, recognised by identity
                 stand_ins[id(stand_in)] = (stand_in, xi)
                 values.append(stand_in)
             else:
-                dual = torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype))
-                values.append(dual.requires_grad_(p.requires_grad))
-        tangents = FactoredTangents(stand_ins, hand_linear)
+                values.append(torch.autograd.forward_ad.make_dual(p.detach(), xi.to(p.dtype)))
+        if exact_view:
+            for p, value in zip(params, values):
+                value.requires_grad_(p.requires_grad)
+        watched = frozenset() if exact_view else frozenset(
+            id(value) for p, value in zip(params, values) if p.requires_grad)
+        tangents = FactoredTangents(stand_ins, hand_linear=not exact_view, watched=watched)
         with use_parameters(objective.module, params, values), tangents:
             loss = objective.loss()
         if tangents.differentiated_inside:

@@ -25,7 +25,7 @@ user's own call) and nothing else changes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,6 +55,18 @@ _AS_IS: frozenset[Any] = frozenset({
     Tensor.requires_grad.__get__, Tensor.ndim.__get__,  # type: ignore[attr-defined]
     torch.autograd.grad, torch.autograd.backward, Tensor.backward, Tensor.register_hook,
 })
+
+
+#: calls through which L_in would see that θ's stand-ins do not require grad
+_LOOKS_AT_GRAD: frozenset[Any] = frozenset({
+    Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+    torch.autograd.grad, torch.autograd.backward, Tensor.backward, Tensor.register_hook,
+})
+
+
+class NeedsGradView(Exception):
+    """L_in looked at whether θ requires grad (or differentiated with θ) while θ's
+    stand-ins did not: evaluate again with stand-ins that do (``FactoredTangents``)."""
 
 
 @dataclass
@@ -306,14 +318,21 @@ class FactoredTangents(TorchFunctionMode):
     loss, an input-gradient penalty) would miss its tangent. ``differentiated_inside``
     tells whether that happened; the caller then evaluates again with
     ``hand_linear=False`` (forward mode's own formula, exact).
+
+    ``watched`` holds the ids of the tensors standing in for θ when they do not require
+    grad (so that no graph to θ is recorded, and the activations are freed as the forward
+    goes): L_in reading one's ``requires_grad`` (a ``requires_grad`` filter,
+    ``trainable_parameters()``) or differentiating with one raises ``NeedsGradView``: the
+    caller evaluates again with stand-ins that require grad as θ does.
     """
 
     def __init__(self, stand_ins: Mapping[int, tuple[Tensor, LinearFactors]],
-                 hand_linear: bool = True) -> None:
+                 hand_linear: bool = True, watched: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self._entries = dict(stand_ins)
         self._dense: dict[int, Tensor] = {}
         self._hand_linear = hand_linear
+        self._watched = watched
         self._open = False
         self.differentiated_inside = False
 
@@ -335,6 +354,9 @@ class FactoredTangents(TorchFunctionMode):
                            args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
                            ) -> Any:
         kwargs = kwargs or {}
+        if func in _LOOKS_AT_GRAD and self._watched and _holds_stand_in(
+                (args, kwargs), self._watched):
+            raise NeedsGradView(func)
         if not torch.is_grad_enabled() and func not in _AS_IS:
             args, kwargs = _replace((args, kwargs), _primal)
             return func(*args, **kwargs)
@@ -417,7 +439,7 @@ def _linear_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[A
     return x, weight, bias
 
 
-def _holds_stand_in(obj: Any, entries: Mapping[int, Any]) -> bool:
+def _holds_stand_in(obj: Any, entries: Container[int]) -> bool:
     if isinstance(obj, Tensor):
         return id(obj) in entries
     if isinstance(obj, list | tuple):
