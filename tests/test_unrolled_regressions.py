@@ -579,6 +579,23 @@ def test_learned_adagrad_initial_accumulator(mode: str) -> None:
     assert rel_err(mt.theta.detach(), plain(lam0).theta.detach()) <= 1e-13
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_roll_back_retakes_adagrad_from_the_updated_learned_first_state(mode: str) -> None:
+    """After the upper step the re-taken steps start from s₀ = 0.5·e^λ at the *updated* λ
+    (torch's Adagrad built its state from the constructor's s₀ = 0 and kept it)."""
+    k, outer_lr = 2, 0.5
+    mt = Vec(THETA0)
+    got, _, _ = _override_program(
+        torch.optim.Adagrad(mt.parameters(), lr=0.1), mt, Vec([0.2]),
+        lambda self: {"initial_accumulator_value": 0.5 * self.outer()[0].exp()}, mode, k=k,
+        iters=k, outer_lr=outer_lr, roll_back=True)
+    updated = 0.2 - outer_lr * float(got[0][0])
+    ref, _ = _plain_quadratic(lambda ps: torch.optim.Adagrad(
+        ps, lr=0.1, initial_accumulator_value=0.5 * math.exp(updated)), k)
+    assert abs(float(got[0][0])) > 1e-3
+    assert rel_err(mt.theta.detach(), ref.theta.detach()) <= 1e-13
+
+
 def test_a_learned_setting_not_used_yet_gives_a_zero_hypergradient() -> None:
     """SGD's first momentum step uses buf = g: a learned momentum has no effect on a first
     unroll of one step, so its hypergradient is exactly 0 (reverse mode as forward mode),
@@ -593,6 +610,27 @@ def test_a_learned_setting_not_used_yet_gives_a_zero_hypergradient() -> None:
     assert abs(float(runs["reverse"][1][0])) > 1e-3
     for a, b in zip(runs["reverse"], runs["forward"], strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_a_learned_momentum_at_zero_has_its_derivative(mode: str) -> None:
+    """momentum = λ with λ = 0: torch's step skips the momentum term at 0, but the term's
+    derivative is not 0 (θ₂ moves by −lr·μ·g₁): the hypergradient equals the one-sided
+    difference of plain torch SGD in μ (the functional step gated the term on μ ≠ 0, so
+    there was no graph to λ: reverse mode raised, forward mode returned 0)."""
+    k = 2
+    mt = Vec(THETA0)
+    got, _, _ = _override_program(torch.optim.SGD(mt.parameters(), lr=0.1), mt, Vec([0.0]),
+                                  lambda self: {"momentum": self.outer()[0]}, mode, k=k,
+                                  iters=k)
+
+    def program(mu: float) -> float:
+        ref, _ = _plain_quadratic(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=mu), k)
+        return float(0.5 * ((ref.theta.detach() - T) ** 2).sum())
+
+    expected = (program(1e-7) - program(0.0)) / 1e-7  # (L_out is quadratic in μ: O(h) off)
+    assert abs(float(got[0][0])) > 1e-3
+    assert float(got[0][0]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_learned_betas_as_one_tensor_of_two() -> None:

@@ -17,6 +17,7 @@ hypergradients as constants (they are not differentiated again).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -28,7 +29,7 @@ from .backward import grad as autograd_grad
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
 from .hypergrad.base import no_upper_parameters
-from .optim import FunctionalOptimizer, from_torch, write_back
+from .optim import FunctionalOptimizer, from_torch, functional_twin, write_back
 from .problem import Problem
 from .registry import Family, Method
 from .snapshot import Snapshot
@@ -300,6 +301,17 @@ class IterativeProblem(Problem):
                     group[key] = value
             if "betas" in group:
                 group["betas"] = tuple(betas)
+        if self._fopt is None:
+            self._fopt = functional_twin(self.optimizer)
+        if self._fopt.state_at_construction:
+            params = self.trainable_parameters()
+            _, state, _ = from_torch(self.optimizer, params)
+            if all(float(s["step"]) == 0.0 for s in state):
+                # (torch built it in its constructor, from the constructor's settings): the
+                # ordinary steps about to be taken start from the learned first state
+                first = self._fopt.init_state(params, self._hyper(params))
+                write_back(self.optimizer, params, [{k: v.detach() for k, v in st.items()}
+                                                    for st in first])
 
     def sync(self) -> None:
         """Write the open unroll's θ and optimizer state into the module and the torch
@@ -403,8 +415,7 @@ class IterativeProblem(Problem):
                     f"Forward(allow_large=True) to accept the cost",
                 )
             bases = [_basis(lam, j) for j in range(numel)]
-            keys = [[k for k in sorted(st) if torch.is_floating_point(st[k])]
-                    for st in self._fstate]
+            keys = [_float_keys(st) for st in self._fstate]
             state = [st[k] for st, ks in zip(self._fstate, keys) for k in ks]
             n = len(self._theta)
             # θ₀ may depend on the upper problem (MAML's initialisation), and so may the
@@ -430,9 +441,8 @@ class IterativeProblem(Problem):
                   for k, s in st.items()} for st in self._fstate]
         new_theta, new_state = self._unrolled_update(batch, theta, state, create_graph=True,
                                                      record=True)
-        outputs = list(new_theta) + [s[k] for s in new_state for k in sorted(s)
-                                     if torch.is_floating_point(s[k])]
-        state_in = [s[k] for s in state for k in sorted(s) if torch.is_floating_point(s[k])]
+        outputs = list(new_theta) + [s[k] for s in new_state for k in _float_keys(s)]
+        state_in = [s[k] for s in state for k in _float_keys(s)]
         for name, columns in self._tangents.items():
             lam = self._others[name].read_parameters()
             updated = []
@@ -444,8 +454,7 @@ class IterativeProblem(Problem):
             for tangent in _jvps(outputs, list(theta) + state_in + list(lam), tangent_sets):
                 new_t_theta = [x.detach() for x in tangent[:n]]
                 flat = iter(x.detach() for x in tangent[n:])
-                new_t_state = [{k: next(flat) for k in sorted(s) if torch.is_floating_point(s[k])}
-                               for s in new_state]
+                new_t_state = [{k: next(flat) for k in _float_keys(s)} for s in new_state]
                 updated.append((new_t_theta, new_t_state))
             self._tangents[name] = updated
         self._theta = [t.detach().requires_grad_() for t in new_theta]
@@ -546,13 +555,19 @@ class IterativeProblem(Problem):
             _set_all_rng_states(rng)
             Problem._step_on(self, batches)
 
+def _float_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """The keys of an optimizer state's floating tensors, sorted: the order in which forward
+    mode carries their tangents."""
+    return [k for k in sorted(state) if torch.is_floating_point(state[k])]
+
+
 def _pair(name: str, betas: object) -> tuple[float | Tensor, float | Tensor]:
     """An overridden ``betas``: a pair of numbers or 0-dim tensors, or a tensor of two."""
     if isinstance(betas, Tensor) and betas.numel() == 2:
         first, second = betas.reshape(2).unbind()
         return first, second
     if isinstance(betas, tuple | list) and len(betas) == 2 and all(
-            isinstance(b, float | int) or (isinstance(b, Tensor) and b.numel() == 1)
+            isinstance(b, numbers.Real) or (isinstance(b, Tensor) and b.numel() == 1)
             for b in betas):
         return betas[0], betas[1]
     raise ConfigError(

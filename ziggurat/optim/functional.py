@@ -320,7 +320,7 @@ class FunctionalSGD(FunctionalOptimizer):
         if _on(h["weight_decay"]):
             g = _add(g, param, h["weight_decay"])
         momentum = h["momentum"]
-        if bool(momentum != 0):
+        if _on(momentum):  # (a learned momentum at 0 still has a derivative)
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = g.clone()  # torch: the first buffer is the gradient, undampened
