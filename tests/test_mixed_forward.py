@@ -258,6 +258,14 @@ def _penalised(penalty: str) -> tuple[torch.nn.Module, zg.InnerObjective, list[A
         fit = F.cross_entropy(net(inputs), y)
         if penalty == "filtered":
             extra = sum((p ** 2).sum() for p in net.parameters() if p.requires_grad)
+        elif penalty == "guarded":  # the re-evaluation's signal is not an Exception
+            try:
+                extra = sum((p ** 2).sum() for p in net.parameters() if p.requires_grad)
+            except Exception:
+                extra = torch.zeros((), dtype=DTYPE)
+        elif penalty == "activation":  # requires_grad of a tensor computed from θ
+            hidden = net[0](x)
+            extra = (hidden ** 2).sum() if hidden.requires_grad else torch.zeros(())
         elif penalty == "input_grad":
             (g,) = torch.autograd.grad(fit, inputs, create_graph=True)
             extra = (g ** 2).sum()
@@ -276,7 +284,8 @@ def _penalised(penalty: str) -> tuple[torch.nn.Module, zg.InnerObjective, list[A
     return net, obj, v
 
 
-@pytest.mark.parametrize("penalty", ["filtered", "input_grad", "weight_grad"])
+@pytest.mark.parametrize("penalty", ["filtered", "guarded", "activation", "input_grad",
+                                     "weight_grad"])
 @pytest.mark.parametrize("factors", [True, False], ids=["factored-v", "dense-v"])
 def test_forward_mode_sees_the_lower_model_as_double_backward_does(penalty: str,
                                                                    factors: bool) -> None:

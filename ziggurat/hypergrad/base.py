@@ -388,10 +388,7 @@ def mixed_forward(objective: InnerObjective,
     try:
         tangent = _loss_tangent(objective, x, exact_view=False)
     except NeedsGradView:  # L_in looked at θ's requires_grad, or differentiated with θ
-        tangent = False
-    if tangent is False:  # ... or a derivative inside it went through a hand-made layer
         tangent = _loss_tangent(objective, x, exact_view=True)
-    assert tangent is not False
     upper = list(objective.upper_params)
     out = (autograd_grad(tangent, upper, allow_unused=True)
            if tangent is not None and tangent.requires_grad else [None] * len(upper))
@@ -399,15 +396,15 @@ def mixed_forward(objective: InnerObjective,
 
 
 def _loss_tangent(objective: InnerObjective, x: Sequence[Tensor | LinearFactors],
-                  exact_view: bool) -> Tensor | Literal[False] | None:
+                  exact_view: bool) -> Tensor | None:
     """The tangent of L_in at θ in direction x (None: none reached the loss).
 
     First (``exact_view`` False) θ's stand-ins do not require grad, so no graph to θ is
     recorded and activations are freed as the forward goes, and linear layers' tangents are
-    made by hand; False when a derivative inside L_in went through such a layer, and
-    ``NeedsGradView`` when L_in looked at θ's ``requires_grad`` (``FactoredTangents``).
-    Then (``exact_view``) the stand-ins require grad as θ does, so that L_in sees them as
-    it sees θ (a ``requires_grad`` filter, ``trainable_parameters()``, a derivative taken
+    made by hand; ``NeedsGradView`` when L_in looked at ``requires_grad`` of θ or of a
+    tensor computed from it, or differentiated with one (``FactoredTangents``). Then
+    (``exact_view``) the stand-ins require grad as θ does, so that L_in sees them as it
+    sees θ (a ``requires_grad`` filter, ``trainable_parameters()``, a derivative taken
     inside it), and ``F.linear`` takes forward mode's own formula."""
     params = list(objective.params)
     assert objective.module is not None
@@ -429,8 +426,6 @@ def _loss_tangent(objective: InnerObjective, x: Sequence[Tensor | LinearFactors]
         tangents = FactoredTangents(stand_ins, hand_linear=not exact_view, watched=watched)
         with use_parameters(objective.module, params, values), tangents:
             loss = objective.loss()
-        if tangents.differentiated_inside:
-            return False
         return torch.autograd.forward_ad.unpack_dual(loss).tangent
 
 

@@ -64,9 +64,10 @@ _LOOKS_AT_GRAD: frozenset[Any] = frozenset({
 })
 
 
-class NeedsGradView(Exception):
+class NeedsGradView(BaseException):
     """L_in looked at whether θ requires grad (or differentiated with θ) while θ's
-    stand-ins did not: evaluate again with stand-ins that do (``FactoredTangents``)."""
+    stand-ins did not: evaluate again with stand-ins that do (``FactoredTangents``). A
+    ``BaseException``, so that an ``except Exception`` in L_in does not swallow it."""
 
 
 @dataclass
@@ -313,17 +314,16 @@ class FactoredTangents(TorchFunctionMode):
     (forward-mode AD ignores grad mode).
 
     ``F.linear`` is computed with primal and tangent by hand (``_linear``) unless
-    ``hand_linear`` is False. Its primal output then carries no tangent in its backward
-    graph: a derivative taken *inside* L_in through such a layer (``autograd.grad`` in the
-    loss, an input-gradient penalty) would miss its tangent. ``differentiated_inside``
-    tells whether that happened; the caller then evaluates again with
-    ``hand_linear=False`` (forward mode's own formula, exact).
+    ``hand_linear`` is False: its primal output carries no tangent in its backward graph.
 
     ``watched`` holds the ids of the tensors standing in for θ when they do not require
     grad (so that no graph to θ is recorded, and the activations are freed as the forward
-    goes): L_in reading one's ``requires_grad`` (a ``requires_grad`` filter,
-    ``trainable_parameters()``) or differentiating with one raises ``NeedsGradView``: the
-    caller evaluates again with stand-ins that require grad as θ does.
+    goes). L_in reading ``requires_grad`` of one of them or of any tensor computed from θ
+    (one with a tangent: a ``requires_grad`` filter, ``trainable_parameters()``), or
+    differentiating or hooking one (``autograd.grad`` in the loss: gradient penalties,
+    which would also miss the hand-made layers' tangents) raises ``NeedsGradView``: the
+    caller evaluates again with stand-ins that require grad as θ does and
+    ``hand_linear=False`` (forward mode's own formula, exact).
     """
 
     def __init__(self, stand_ins: Mapping[int, tuple[Tensor, LinearFactors]],
@@ -333,28 +333,12 @@ class FactoredTangents(TorchFunctionMode):
         self._dense: dict[int, Tensor] = {}
         self._hand_linear = hand_linear
         self._watched = watched
-        self._open = False
-        self.differentiated_inside = False
-
-    def __enter__(self) -> FactoredTangents:
-        self._open = True
-        super().__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        self._open = False
-
-    def _backward_seen(self, grad: Tensor) -> None:
-        """Hook on a hand-made layer's output: a backward reached it while L_in ran."""
-        if self._open:
-            self.differentiated_inside = True
 
     def __torch_function__(self, func: Callable[..., Any], types: Iterable[type],
                            args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
                            ) -> Any:
         kwargs = kwargs or {}
-        if func in _LOOKS_AT_GRAD and self._watched and _holds_stand_in(
+        if func in _LOOKS_AT_GRAD and self._watched and _reads_theta(
                 (args, kwargs), self._watched):
             raise NeedsGradView(func)
         if not torch.is_grad_enabled() and func not in _AS_IS:
@@ -410,8 +394,6 @@ class FactoredTangents(TorchFunctionMode):
         tangent = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         if b_tangent is not None:
             tangent = tangent + b_tangent
-        if y.requires_grad:  # a backward may pass here inside L_in: see the class docstring
-            y.register_hook(self._backward_seen)
         return forward_ad.make_dual(y, tangent)
 
     def _dual(self, t: Tensor) -> Tensor:
@@ -437,6 +419,17 @@ def _linear_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[A
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     return x, weight, bias
+
+
+def _reads_theta(obj: Any, watched: Container[int]) -> bool:
+    """Whether ``obj`` holds a stand-in for θ or a tensor computed from θ (a dual one)."""
+    if isinstance(obj, Tensor):
+        return id(obj) in watched or forward_ad.unpack_dual(obj).tangent is not None
+    if isinstance(obj, list | tuple):
+        return any(_reads_theta(o, watched) for o in obj)
+    if isinstance(obj, dict):
+        return any(_reads_theta(o, watched) for o in obj.values())
+    return False
 
 
 def _holds_stand_in(obj: Any, entries: Container[int]) -> bool:
