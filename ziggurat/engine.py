@@ -401,7 +401,7 @@ def _config_record(engine: Engine) -> dict[str, Any]:
 
 def _check_levels(problems: Sequence[Problem], graph: ProgramGraph) -> None:
     """No parameter is trained by two problems; every problem below another can pass
-    hypergradients up."""
+    hypergradients up; no unrolled problem lies below another."""
     owner: dict[int, str] = {}
     for p in problems:
         for t in p.trainable_parameters():
@@ -412,11 +412,22 @@ def _check_levels(problems: Sequence[Problem], graph: ProgramGraph) -> None:
                     f"{tuple(t.shape)}); each level must own its parameters. Give one of them "
                     f"its own copy, or freeze it there (requires_grad=False)."
                 )
+    by_name = {p.name: p for p in problems}
     for p in problems:
         if graph.parents[p.name] and type(p).best_response_vjp is Problem.best_response_vjp:
             raise GraphError(
                 f"problem '{p.name}' lies below {list(graph.parents[p.name])} but is a plain "
                 f"{type(p).__name__}, which cannot pass hypergradients up; make it a "
+                f"zg.ImplicitProblem."
+            )
+        unrolled_above = [q for q in graph.parents[p.name] if p.method_family == "iterative"
+                          and by_name[q].method_family == "iterative"]
+        if unrolled_above:
+            raise GraphError(
+                f"the unrolled problem '{p.name}' lies below the unrolled problem(s) "
+                f"{unrolled_above}: not supported (an unroll holds its own copies of θ, "
+                f"renewed at every step, so an unroll below cannot be differentiated through "
+                f"the one above: its hypergradient would be wrong). Make one of them a "
                 f"zg.ImplicitProblem."
             )
 

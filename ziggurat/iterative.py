@@ -26,10 +26,12 @@ import torch
 from torch import Tensor
 
 from .backward import grad as autograd_grad
+from .data import scalars_to_cpu
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
 from .hypergrad.base import no_upper_parameters
 from .optim import FunctionalOptimizer, from_torch, functional_twin, write_back
+from .optim.functional import FUNCTIONAL_OPTIMIZERS
 from .problem import Problem
 from .registry import Family, Method
 from .snapshot import Snapshot
@@ -163,10 +165,11 @@ class IterativeProblem(Problem):
                 theta = [t if t.requires_grad else t.detach().clone().requires_grad_()
                          for t in theta]
         self._fopt, self._fstate, _ = from_torch(self.optimizer, params)
-        if self._never_stepped(params):
-            # build the state from the settings in force (overrides included: a learned
-            # Adagrad initial_accumulator_value is s₀)
+        if not any(self.optimizer.state.get(p) for p in params):
+            # never stepped: build the state from the settings in force (overrides included)
             self._fstate = list(self._fopt.init_state(params, self._hyper(params)))
+        else:
+            self._fstate = self._learned_first_state(params) or self._fstate
         self._theta = theta
         self._proxies = None
         self._unroll_step = 0
@@ -220,15 +223,24 @@ class IterativeProblem(Problem):
         return bool(values) and any(
             g is not None for g in autograd_grad(values, list(lam), allow_unused=True))
 
-    def _never_stepped(self, params: Sequence[Tensor]) -> bool:
-        """Whether the optimizer has taken no step for ``params``: no state, or (an optimizer
-        whose constructor builds its state) step counters of 0, read from the functional
-        state (``from_torch`` keeps its counters on the CPU: no host sync)."""
-        assert self._fopt is not None
-        if not any(self.optimizer.state.get(p) for p in params):
-            return True
-        return self._fopt.state_at_construction and all(
-            float(s["step"]) == 0.0 for s in self._fstate)
+    def _learned_first_state(self, params: Sequence[Tensor]) -> list[dict[str, Tensor]] | None:
+        """The optimizer's first state built from the settings in force, when
+        ``optimizer_hyperparameters()`` learns a setting torch reads only in its constructor
+        (Adagrad's initial_accumulator_value, ``construction_settings``) and the optimizer
+        has not stepped (step counters 0); else None (the state torch holds is the one)."""
+        override = self.optimizer_hyperparameters()
+        if not override.keys() & _CONSTRUCTION_SETTINGS:
+            return None
+        twin = functional_twin(self.optimizer)
+        if not override.keys() & twin.construction_settings:
+            return None
+        counters = [self.optimizer.state.get(p, {}).get("step") for p in params]
+        if any(c is None for c in counters) or any(
+                float(c) != 0.0 for c in scalars_to_cpu([torch.as_tensor(c) for c in counters])):
+            return None
+        if self._fopt is None:
+            self._fopt = twin
+        return list(twin.init_state(params, self._hyper(params)))
 
     def _retake_step(self, batches: list[Any]) -> None:
         # as an ordinary step (``step``): the settings of optimizer_hyperparameters() in
@@ -301,17 +313,11 @@ class IterativeProblem(Problem):
                     group[key] = value
             if "betas" in group:
                 group["betas"] = tuple(betas)
-        if self._fopt is None:
-            self._fopt = functional_twin(self.optimizer)
-        if self._fopt.state_at_construction:
-            params = self.trainable_parameters()
-            _, state, _ = from_torch(self.optimizer, params)
-            if all(float(s["step"]) == 0.0 for s in state):
-                # (torch built it in its constructor, from the constructor's settings): the
-                # ordinary steps about to be taken start from the learned first state
-                first = self._fopt.init_state(params, self._hyper(params))
-                write_back(self.optimizer, params, [{k: v.detach() for k, v in st.items()}
-                                                    for st in first])
+        params = self.trainable_parameters()
+        first = self._learned_first_state(params)
+        if first is not None:  # the ordinary steps about to be taken start from it
+            write_back(self.optimizer, params, [{k: v.detach() for k, v in st.items()}
+                                                for st in first])
 
     def sync(self) -> None:
         """Write the open unroll's θ and optimizer state into the module and the torch
@@ -554,6 +560,11 @@ class IterativeProblem(Problem):
         for batches, rng in self._es_steps:
             _set_all_rng_states(rng)
             Problem._step_on(self, batches)
+
+#: the settings some optimizer reads only in its constructor (see _learned_first_state)
+_CONSTRUCTION_SETTINGS = frozenset().union(
+    *(cls.construction_settings for cls in FUNCTIONAL_OPTIMIZERS.values()))
+
 
 def _float_keys(state: Mapping[str, Tensor]) -> list[str]:
     """The keys of an optimizer state's floating tensors, sorted: the order in which forward

@@ -126,9 +126,9 @@ class FunctionalOptimizer(ABC):
     state_keys: ClassVar[frozenset[str]]
     real_view: ClassVar[bool] = True
     """Complex parameters are updated through ``view_as_real`` (as torch does)."""
-    state_at_construction: ClassVar[bool] = False
-    """torch.optim builds this optimizer's state in its constructor (so a state with a step
-    counter of 0 is one that has not stepped yet)."""
+    construction_settings: ClassVar[frozenset[str]] = frozenset()
+    """Settings torch.optim reads only in its constructor, to build the first state there
+    (Adagrad's initial_accumulator_value): a learned one rebuilds an unstepped state."""
 
     # ---------------------------------------------------------------- public interface
 
@@ -320,7 +320,9 @@ class FunctionalSGD(FunctionalOptimizer):
         if _on(h["weight_decay"]):
             g = _add(g, param, h["weight_decay"])
         momentum = h["momentum"]
-        if _on(momentum):  # (a learned momentum at 0 still has a derivative)
+        # a learned momentum at 0 still has a derivative, but only without dampening is
+        # torch's step continuous there (at 0 it takes g; just above, (1 − d) g)
+        if _on(momentum) if not _on(h["dampening"]) else bool(momentum != 0):
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = g.clone()  # torch: the first buffer is the gradient, undampened
@@ -508,7 +510,7 @@ class FunctionalAdagrad(FunctionalOptimizer):
     }
     flags = frozenset({"maximize"})
     state_keys = frozenset({"step", "sum"})
-    state_at_construction = True  # (s₀ = initial_accumulator_value, before any step)
+    construction_settings = frozenset({"initial_accumulator_value"})  # (s₀)
 
     def _init(self, param: Tensor, h: dict[str, Scalar]) -> dict[str, Tensor]:
         init = h["initial_accumulator_value"]
