@@ -610,11 +610,13 @@ class Problem:
             comm.wait()
             torch._foreach_add_(own, hyper)
             if self.config.check_finite and self._hypergrad_norm is not None:
-                # every rank stops together: the norm travels in the gradient's all-reduce
-                # (a mean of the ranks' norms is finite only if each is)
-                norm = self._hypergrad_norm.reshape(1).to(own[0].dtype, copy=True)
-                comm.mean_([*own, norm])
-                self._stop_if_not_finite(hyper, norm)
+                # every rank stops together: a flag (1 where this rank's norm is not
+                # finite) travels in the gradient's all-reduce, in its dtype (0 and 1 are
+                # exact in any); the mean is 0 only if every rank's flag is
+                flag = (~torch.isfinite(self._hypergrad_norm)).reshape(1).to(own[0].dtype)
+                comm.mean_([*own, flag])
+                if float(flag) != 0.0:
+                    self._stop_if_not_finite(hyper, torch.full((), math.inf))
                 return own
         comm.mean_(own)
         return own
@@ -890,8 +892,8 @@ class Problem:
 
     def _stop_if_not_finite(self, hyper: list[Tensor], norm: Tensor) -> None:
         """``check_finite``: stop with an error naming the problem, the step and the likely
-        cause when ``norm`` (of the hypergradient; under data parallelism the mean of the
-        ranks' norms, the same on every rank) is not finite."""
+        cause when ``norm`` (of the hypergradient; under data parallelism ∞ when some
+        rank's is not finite) is not finite."""
         # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
         # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
         if math.isfinite(norm) or (self.comm is None and linalg.all_finite(hyper)):
