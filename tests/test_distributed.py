@@ -258,7 +258,7 @@ def test_schedulers_two_ranks_equal_one_rank(runs: tuple[Path, dict[str, list[An
 def test_a_non_finite_hypergradient_on_one_rank_stops_every_rank(
     runs: tuple[Path, dict[str, list[Any]]],
 ) -> None:
-    """Only rank 1's recomputed lower loss is NaN: its norm travels in the gradient's
+    """Only rank 1's recomputed lower loss is NaN: its flag travels in the gradient's
     all-reduce, so both ranks raise the error at the same step (rank 0 died of a closed
     connection before)."""
     rank0, rank1 = runs[1]["nan"]
