@@ -5,6 +5,7 @@ objective carries its module."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -37,15 +38,19 @@ def test_forward_mixed_product_equals_the_ridge_closed_form(scale: float) -> Non
     assert torch.equal(vec.theta.detach(), theta0) and vec.theta.is_leaf
 
 
-def _reweighting(dropout: float = 0.0) -> tuple[torch.nn.Module, torch.nn.Module,
-                                                zg.InnerObjective, list[torch.Tensor]]:
-    """Meta-Weight-Net's structure in float64: V fed the *detached* per-sample loss."""
+def _reweighting(dropout: float = 0.0, widths: tuple[int, ...] = (6, 12), batch: int = 16
+                 ) -> tuple[torch.nn.Module, torch.nn.Module, zg.InnerObjective,
+                            list[torch.Tensor]]:
+    """Meta-Weight-Net's structure in float64: V fed the *detached* per-sample loss; the
+    classifier's layers widths[0] → ... → widths[-1] → 3 (tanh, dropout after each)."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Dropout(dropout),
-                              torch.nn.Linear(12, 3)).double()
+    hidden: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        hidden += [torch.nn.Linear(a, b), torch.nn.Tanh(), torch.nn.Dropout(dropout)]
+    net = torch.nn.Sequential(*hidden, torch.nn.Linear(widths[-1], 3)).double()
     meta = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1),
                                torch.nn.Sigmoid()).double()
-    x, y = torch.randn(16, 6, dtype=DTYPE), torch.randint(0, 3, (16,))
+    x, y = torch.randn(batch, widths[0], dtype=DTYPE), torch.randint(0, 3, (batch,))
 
     def loss() -> torch.Tensor:
         losses = F.cross_entropy(net(x), y, reduction="none")
@@ -311,20 +316,7 @@ def test_forward_mode_records_no_graph_to_theta_unless_the_loss_looks(
     import gc
     import weakref
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(20, 256), torch.nn.Tanh(),
-                              torch.nn.Linear(256, 256), torch.nn.Tanh(),
-                              torch.nn.Linear(256, 3)).double()
-    meta = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1),
-                               torch.nn.Sigmoid()).double()
-    x, y = torch.randn(32, 20, dtype=DTYPE), torch.randint(0, 3, (32,))
-
-    def loss() -> torch.Tensor:
-        losses = F.cross_entropy(net(x), y, reduction="none")
-        return (meta(losses.detach().unsqueeze(1)).squeeze(1) * losses).mean()
-
-    obj = zg.InnerObjective(list(net.parameters()), list(meta.parameters()), loss, module=net)
-    v = [torch.randn_like(p) for p in net.parameters()]
+    net, _, obj, v = _reweighting(widths=(20, 256, 256), batch=32)
     saved: list[tuple[Any, int]] = []
     alive: list[int] = []
     backward = base.autograd_grad
