@@ -29,6 +29,16 @@ def scalars_to_cpu(values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def step_counts(counters: Sequence[torch.Tensor | float]) -> list[float]:
+    """The values of optimizer step counters, read with one transfer per device: torch.optim
+    keeps them on the CPU (reading one is no host sync), except fused or capturable
+    optimizers, which keep them on the parameters' device (one sync for all of them, not one
+    each)."""
+    on_cpu = iter(scalars_to_cpu([c for c in counters if isinstance(c, torch.Tensor)]))
+    return [float(next(on_cpu)) if isinstance(c, torch.Tensor) else float(c)
+            for c in counters]
+
+
 def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """``obj`` with every tensor on ``device``: tensors in dicts, lists and tuples (named
     tuples and dict subclasses keep their type), at any depth; ``obj`` itself, not a copy,

@@ -420,8 +420,9 @@ def _check_levels(problems: Sequence[Problem], graph: ProgramGraph) -> None:
                 f"{type(p).__name__}, which cannot pass hypergradients up; make it a "
                 f"zg.ImplicitProblem."
             )
-        unrolled_above = [q for q in graph.parents[p.name] if p.method_family == "iterative"
-                          and by_name[q].method_family == "iterative"]
+        unrolled_above = ([q for q in graph.parents[p.name]
+                           if by_name[q].method_family == "iterative"]
+                          if p.method_family == "iterative" else [])
         if unrolled_above:
             raise GraphError(
                 f"the unrolled problem '{p.name}' lies below the unrolled problem(s) "

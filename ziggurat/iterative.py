@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .backward import grad as autograd_grad
-from .data import scalars_to_cpu
+from .data import step_counts
 from .errors import ConfigError, HypergradientError
 from .hypergrad import fixed_randomness, linalg
 from .hypergrad.base import no_upper_parameters
@@ -169,7 +169,8 @@ class IterativeProblem(Problem):
             # never stepped: build the state from the settings in force (overrides included)
             self._fstate = list(self._fopt.init_state(params, self._hyper(params)))
         else:
-            self._fstate = self._learned_first_state(params) or self._fstate
+            learned = self._learned_first_state(params, self.optimizer_hyperparameters())
+            self._fstate = learned or self._fstate
         self._theta = theta
         self._proxies = None
         self._unroll_step = 0
@@ -223,20 +224,19 @@ class IterativeProblem(Problem):
         return bool(values) and any(
             g is not None for g in autograd_grad(values, list(lam), allow_unused=True))
 
-    def _learned_first_state(self, params: Sequence[Tensor]) -> list[dict[str, Tensor]] | None:
-        """The optimizer's first state built from the settings in force, when
-        ``optimizer_hyperparameters()`` learns a setting torch reads only in its constructor
-        (Adagrad's initial_accumulator_value, ``construction_settings``) and the optimizer
-        has not stepped (step counters 0); else None (the state torch holds is the one)."""
-        override = self.optimizer_hyperparameters()
+    def _learned_first_state(self, params: Sequence[Tensor], override: Mapping[str, Any]
+                             ) -> list[dict[str, Tensor]] | None:
+        """The optimizer's first state built from the settings in force, when ``override``
+        (``optimizer_hyperparameters()``) learns a setting torch reads only in its
+        constructor (Adagrad's initial_accumulator_value, ``construction_settings``) and the
+        optimizer has not stepped (step counters 0); else None (torch's state is the one)."""
         if not override.keys() & _CONSTRUCTION_SETTINGS:
             return None
         twin = functional_twin(self.optimizer)
         if not override.keys() & twin.construction_settings:
             return None
         counters = [self.optimizer.state.get(p, {}).get("step") for p in params]
-        if any(c is None for c in counters) or any(
-                float(c) != 0.0 for c in scalars_to_cpu([torch.as_tensor(c) for c in counters])):
+        if any(c is None for c in counters) or any(step_counts(counters)):
             return None
         if self._fopt is None:
             self._fopt = twin
@@ -313,11 +313,12 @@ class IterativeProblem(Problem):
                     group[key] = value
             if "betas" in group:
                 group["betas"] = tuple(betas)
-        params = self.trainable_parameters()
-        first = self._learned_first_state(params)
-        if first is not None:  # the ordinary steps about to be taken start from it
-            write_back(self.optimizer, params, [{k: v.detach() for k, v in st.items()}
-                                                for st in first])
+        if override.keys() & _CONSTRUCTION_SETTINGS:
+            params = self.trainable_parameters()
+            first = self._learned_first_state(params, override)
+            if first is not None:  # the ordinary steps about to be taken start from it
+                write_back(self.optimizer, params, [{k: v.detach() for k, v in st.items()}
+                                                    for st in first])
 
     def sync(self) -> None:
         """Write the open unroll's θ and optimizer state into the module and the torch

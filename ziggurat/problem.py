@@ -601,24 +601,25 @@ class Problem:
         problem's gradient (own + hypergradient) averaged once (one all-reduce)."""
         comm = self.comm
         assert comm is not None
-        if vectors:
-            lists = list(vectors.values())
-            # (linear layers' factors, when captured, are gathered rather than all-reduced)
-            comm.start_mean(global_factors(comm, lists) if self._captured
-                            else [t for vec in lists for t in vec])
-            hyper = self._hypergradient(vectors, params)
-            comm.wait()
-            torch._foreach_add_(own, hyper)
-            if self.config.check_finite and self._hypergrad_norm is not None:
-                # every rank stops together: a flag (1 where this rank's norm is not
-                # finite) travels in the gradient's all-reduce, in its dtype (0 and 1 are
-                # exact in any); the mean is 0 only if every rank's flag is
-                flag = (~torch.isfinite(self._hypergrad_norm)).reshape(1).to(own[0].dtype)
-                comm.mean_([*own, flag])
-                if float(flag) != 0.0:
-                    self._stop_if_not_finite(hyper, torch.full((), math.inf))
-                return own
-        comm.mean_(own)
+        if not vectors:
+            comm.mean_(own)
+            return own
+        lists = list(vectors.values())
+        # (linear layers' factors, when captured, are gathered rather than all-reduced)
+        comm.start_mean(global_factors(comm, lists) if self._captured
+                        else [t for vec in lists for t in vec])
+        hyper = self._hypergradient(vectors, params)
+        comm.wait()
+        torch._foreach_add_(own, hyper)
+        if not self.config.check_finite or self._hypergrad_norm is None:
+            comm.mean_(own)
+            return own
+        # every rank stops together: a flag (1 where this rank's norm is not finite)
+        # travels in the gradient's all-reduce, in its dtype (0 and 1 are exact in any);
+        # the mean is 0 only if every rank's flag is
+        flag = (~torch.isfinite(self._hypergrad_norm)).reshape(1).to(own[0].dtype)
+        comm.mean_([*own, flag])
+        self._stop_if_not_finite(hyper, float(flag) == 0.0)
         return own
 
     # ----------------------------------------------------------------- step internals
@@ -883,20 +884,20 @@ class Problem:
                 torch._foreach_add_(hyper, self._carried_back(path, vectors))
         norm = self._hypergrad_norm = linalg.norm(hyper)  # a tensor: no host sync here
         if self.config.check_finite and self.comm is None:  # (data parallel: below)
-            self._stop_if_not_finite(hyper, norm)
+            self._stop_if_not_finite(hyper, math.isfinite(norm))
         return hyper
 
     def _step_number(self) -> int:
         """The number of the step being taken (1 for the first), for messages."""
         return self.count + 1
 
-    def _stop_if_not_finite(self, hyper: list[Tensor], norm: Tensor) -> None:
+    def _stop_if_not_finite(self, hyper: list[Tensor], finite_norm: bool) -> None:
         """``check_finite``: stop with an error naming the problem, the step and the likely
-        cause when ``norm`` (of the hypergradient; under data parallelism ∞ when some
-        rank's is not finite) is not finite."""
+        cause unless ``finite_norm`` (the hypergradient's norm is finite; under data
+        parallelism, every rank's is)."""
         # a finite norm means every entry is finite (a NaN or Inf entry makes it NaN or
         # Inf); only a non-finite norm, or one that overflowed, needs the entrywise check
-        if math.isfinite(norm) or (self.comm is None and linalg.all_finite(hyper)):
+        if finite_norm or (self.comm is None and linalg.all_finite(hyper)):
             return
         bad = [i for i, h in enumerate(hyper) if not bool(torch.isfinite(h).all())]
         where = (f"NaN or Inf in parameters {bad}" if bad or self.comm is None

@@ -45,23 +45,20 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 #: Set to False to turn the factored path off everywhere (upper backward forms every v_W).
 ENABLED = True
 
-#: Operations that only read a tensor's metadata: a stand-in answers them as W would.
-#: calls that ``FactoredTangents`` passes the stand-ins to as they are: reads of metadata,
-#: and differentiation (``autograd.grad`` inside L_in differentiates the stand-in itself)
-_AS_IS: frozenset[Any] = frozenset({
-    Tensor.dim, Tensor.size, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
-    Tensor.is_floating_point, Tensor.__len__, Tensor.shape.__get__,  # type: ignore[attr-defined]
-    Tensor.dtype.__get__, Tensor.device.__get__,  # type: ignore[attr-defined]
-    Tensor.requires_grad.__get__, Tensor.ndim.__get__,  # type: ignore[attr-defined]
-    torch.autograd.grad, torch.autograd.backward, Tensor.backward, Tensor.register_hook,
-})
-
-
 #: calls through which L_in would see that θ's stand-ins do not require grad
 _LOOKS_AT_GRAD: frozenset[Any] = frozenset({
     Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
     torch.autograd.grad, torch.autograd.backward, Tensor.backward, Tensor.register_hook,
 })
+
+#: calls that ``FactoredTangents`` passes the stand-ins to as they are: reads of metadata
+#: (a stand-in answers them as W would), and those of ``_LOOKS_AT_GRAD``
+#: (``autograd.grad`` inside L_in differentiates the stand-in itself)
+_AS_IS: frozenset[Any] = _LOOKS_AT_GRAD | {
+    Tensor.dim, Tensor.size, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
+    Tensor.is_floating_point, Tensor.__len__, Tensor.shape.__get__,  # type: ignore[attr-defined]
+    Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,  # type: ignore[attr-defined]
+}
 
 
 class NeedsGradView(BaseException):

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..data import scalars_to_cpu
+from ..data import step_counts
 from ..errors import HypergradientError
 from .base import Curvature, HypergradMethod, InnerObjective, MixedMode
 from .factored import LinearFactors
@@ -235,14 +235,6 @@ def _result(v: Tensor, out: Tensor, inplace: bool) -> Tensor:
 def _step_count(state: dict[str, Any], t: float | None) -> float:
     """``t``, else the state's step counter as a float."""
     return float(state["step"]) if t is None else t
-
-
-def step_counts(counters: Sequence[Tensor | float]) -> list[float]:
-    """The values of Adam step counters, read with one transfer per device: torch.optim
-    keeps them on the CPU (reading one is no host sync), except fused or capturable Adam,
-    which keeps them on the parameters' device (one sync for all of them, not one each)."""
-    on_cpu = iter(scalars_to_cpu([c for c in counters if isinstance(c, Tensor)]))
-    return [float(next(on_cpu)) if isinstance(c, Tensor) else float(c) for c in counters]
 
 
 def _coefficients(step: AdamStep, t: float) -> tuple[float, float, float]:
